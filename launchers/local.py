@@ -1,0 +1,30 @@
+"""In-process launch: create the run dir, train, print where the outputs are."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, List
+
+from trainer import rundir
+from trainer.plan import RunPlan
+
+log = logging.getLogger(__name__)
+
+
+def run_local(cfg: Any, plan: RunPlan, overrides: List[str]) -> None:
+    from trainer.run import train
+
+    rundir.create(plan.run_dir, cfg, overrides, plan.to_dict())
+    _log_to_file(plan.run_dir)
+    log.info("run dir: %s", plan.run_dir)
+    metrics = train(cfg, plan)
+    summary = ", ".join(f"{k}={metrics[k]:.4g}" for k in ("eval_loss_before", "eval_loss", "train_loss",
+                                                           "tokens_per_second") if k in metrics)
+    print(f"qforge: finished. {summary}\nqforge: outputs in {plan.run_dir}", file=sys.stderr)
+
+
+def _log_to_file(run_dir: str) -> None:
+    handler = logging.FileHandler(f"{run_dir}/train.log")
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s %(levelname)s] %(message)s"))
+    logging.getLogger().addHandler(handler)

@@ -1,0 +1,81 @@
+"""PEFT methods: the printable spec (torch-free) and attaching it to a loaded model."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Union
+
+from trainer.rules import peft_method
+
+log = logging.getLogger(__name__)
+
+
+def _targets(cfg: Any) -> Union[str, List[str]]:
+    targets = list(cfg.peft.target_modules)
+    return "all-linear" if targets == ["all-linear"] else targets
+
+
+def adapter_kwargs(cfg: Any) -> Dict[str, Any]:
+    """The peft config arguments (or the freeze/full description) as plain values."""
+    name = peft_method(cfg)
+    p = cfg.peft
+    if name in ("lora", "dora", "pissa"):
+        kwargs: Dict[str, Any] = {
+            "r": p.r,
+            "lora_alpha": p.alpha,
+            "lora_dropout": p.dropout,
+            "target_modules": _targets(cfg),
+            "use_rslora": bool(p.use_rslora),
+            "use_dora": name == "dora",
+        }
+        if name == "pissa":
+            kwargs["init_lora_weights"] = f"pissa_niter_{p.pissa_iters}"
+        return kwargs
+    if name == "oft":
+        return {
+            "r": p.r if p.oft_block_size == 0 else 0,
+            "oft_block_size": p.oft_block_size,
+            "module_dropout": p.dropout,
+            "target_modules": _targets(cfg),
+        }
+    if name == "freeze":
+        return {"trainable_layers": p.freeze_trainable_layers}
+    return {"trainable": "all parameters"}
+
+
+def attach(model: Any, cfg: Any) -> Any:
+    """Make the right parameters trainable: load or create an adapter, or unfreeze layers."""
+    name = peft_method(cfg)
+    if name == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        return model
+    if name == "freeze":
+        return _freeze_all_but_last(model, cfg.peft.freeze_trainable_layers)
+
+    from peft import LoraConfig, OFTConfig, PeftModel, TaskType, get_peft_model
+
+    adapters = list(cfg.model.adapters)
+    if adapters and not cfg.model.new_adapter:
+        # Continue training the (single) loaded adapter; earlier ones are merged into the base.
+        for path in adapters[:-1]:
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        return PeftModel.from_pretrained(model, adapters[-1], is_trainable=True)
+    for path in adapters:
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+
+    kwargs = adapter_kwargs(cfg)
+    if name == "oft":
+        config = OFTConfig(task_type=TaskType.CAUSAL_LM, **kwargs)
+    else:
+        config = LoraConfig(task_type=TaskType.CAUSAL_LM, **kwargs)
+    return get_peft_model(model, config)
+
+
+def _freeze_all_but_last(model: Any, n_layers: int) -> Any:
+    layers = model.get_decoder().layers
+    keep = {id(p) for layer in list(layers)[-n_layers:] for p in layer.parameters()}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in keep)
+    log.info("freeze: training the last %d of %d decoder layers", min(n_layers, len(layers)), len(layers))
+    return model

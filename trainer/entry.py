@@ -1,0 +1,69 @@
+"""What train.py and the `qforge` console script do with a composed config.
+
+compose (Hydra, already done) -> validate -> plan -> launch. A UserError becomes one line on stderr
+and a non-zero exit; no traceback reaches a user for input they can fix.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, List
+
+from trainer.errors import UserError
+
+log = logging.getLogger("qforge")
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="[qforge %(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True,
+                        stream=sys.stderr)
+
+
+def run_entry(cfg: Any) -> None:
+    configure_logging()
+    try:
+        _run(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+
+
+def _run(cfg: Any) -> None:
+    from trainer.plan import build_plan
+    from trainer.validate import validate
+
+    report = validate(cfg)
+    is_child_rank = os.environ.get("QFORGE_CHILD") == "1"
+    if not is_child_rank:
+        report.print()
+    if not report.ok:
+        print(f"qforge: {len(report.errors)} rule(s) reject this composition; nothing was run.", file=sys.stderr)
+        sys.exit(2)
+
+    plan = build_plan(cfg, run_dir=_hydra_multirun_dir())
+    plan.warnings = [v.line() for v in report.warnings]
+    if cfg.dry_run:
+        print(plan.render())
+        return
+
+    from launchers import launch
+
+    launch(cfg, plan, overrides=_overrides())
+
+
+def _overrides() -> List[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+def _hydra_multirun_dir() -> Any:
+    """In a -m sweep each job gets the dir Hydra made for it under the sweep dir."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return HydraConfig.get().runtime.output_dir
+    return None

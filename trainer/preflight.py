@@ -1,0 +1,48 @@
+"""Environment facts checked before loading anything heavy: packages, versions, GPUs.
+
+Kept apart from the validator so a composition can be validated on a login node that has none of
+the backends installed and no GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from typing import Any, List, Tuple
+
+from packaging.version import Version
+
+from trainer.env import accelerators
+from trainer.errors import UserError
+from trainer.quant import Requirement, backend_for
+from trainer.rules import method, strategy
+
+DEEPSPEED = Requirement("deepspeed", "deepspeed", "0.14.0", "pip install 'qforge[deepspeed]'")
+WANDB = Requirement("wandb", "wandb", "0.16.0", "pip install 'qforge[wandb]'")
+
+
+def requirements(cfg: Any) -> List[Tuple[str, Requirement]]:
+    """(what asks for it, requirement) pairs for this composition."""
+    needed = [(f"quant={method(cfg)}", r) for r in backend_for(method(cfg)).requirements(cfg)]
+    if strategy(cfg).startswith("zero"):
+        needed.append((f"strategy={strategy(cfg)}", DEEPSPEED))
+    if cfg.logger.name.value == "wandb":
+        needed.append(("logger=wandb", WANDB))
+    return needed
+
+
+def check(cfg: Any) -> None:
+    """Raise a UserError naming the first missing piece and the line that installs it."""
+    gpus = accelerators().gpus
+    for asked_by, req in requirements(cfg):
+        if importlib.util.find_spec(req.module) is None:
+            raise UserError(f"{asked_by} needs the package {req.distribution}, which is not installed; "
+                            f"install it with: {req.install}")
+        if req.minimum:
+            installed = Version(importlib.metadata.version(req.distribution))
+            if installed < Version(req.minimum):
+                raise UserError(f"{req.distribution} {installed} is installed but this run needs "
+                                f">= {req.minimum}; upgrade with: {req.install}")
+        if req.needs_gpu and gpus == 0:
+            raise UserError(f"{asked_by} runs only on an NVIDIA GPU ({req.distribution} has no CPU "
+                            "kernels) and none is visible here; run this config on a GPU machine.")

@@ -1,0 +1,41 @@
+"""EETQ: int8 weight-only quantization applied while loading (CUDA only)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+from trainer.quant import Backend, Requirement
+from trainer.quant.common import bits_rule, no_sharding_rule
+
+INSTALL = "pip install eetq  (build it from source on a CUDA machine: github.com/NetEase-FuXi/EETQ)"
+
+RULES = [
+    bits_rule("eetq", (8,), "EETQ"),
+    no_sharding_rule("eetq", "EETQ", "its int8 weights are not shardable by FSDP or ZeRO-3."),
+]
+
+
+def requirements(cfg: Any) -> List[Requirement]:
+    return [Requirement("eetq", "eetq", None, INSTALL, needs_gpu=True)]
+
+
+def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
+    from transformers import AutoModelForCausalLM, EetqConfig
+
+    load_kwargs = {k: v for k, v in model_kwargs.items() if k != "dtype_name"}
+    return AutoModelForCausalLM.from_pretrained(
+        path, quantization_config=EetqConfig("int8"), **load_kwargs
+    )
+
+
+BACKEND = Backend(
+    method="eetq",
+    summary="EETQ int8 weight-only, quantized while loading (CUDA)",
+    bits=(8,),
+    pre_quantized=False,
+    trains_quantized=True,
+    rules=RULES,
+    requirements=requirements,
+    loader="trainer.quant.eetq:load",
+    default_bits=8,
+)

@@ -1,0 +1,246 @@
+"""The structured schema of a run.
+
+Every config group merges onto these dataclasses, so a misspelled key or a wrong type fails at
+compose time with Hydra's own message, before any rule runs or torch is imported. Choices that
+select behaviour are Enums: a value the code has no branch for cannot be composed at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+class QuantMethod(str, Enum):
+    none = "none"
+    bnb = "bnb"
+    hqq = "hqq"
+    eetq = "eetq"
+    gptq = "gptq"
+    awq = "awq"
+    aqlm = "aqlm"
+    fp8 = "fp8"
+    mxfp4 = "mxfp4"
+
+
+class QuantType(str, Enum):
+    nf4 = "nf4"
+    fp4 = "fp4"
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class PeftMethod(str, Enum):
+    lora = "lora"
+    dora = "dora"
+    oft = "oft"
+    pissa = "pissa"
+    full = "full"
+    freeze = "freeze"
+
+
+class StrategyName(str, Enum):
+    single = "single"
+    ddp = "ddp"
+    fsdp = "fsdp"
+    zero2 = "zero2"
+    zero3 = "zero3"
+    zero3_offload = "zero3_offload"
+
+
+class DataFormat(str, Enum):
+    alpaca = "alpaca"
+    sharegpt = "sharegpt"
+
+
+class LoggerName(str, Enum):
+    none = "none"
+    wandb = "wandb"
+
+
+class WandbMode(str, Enum):
+    auto = "auto"  # online when an API key is configured, offline otherwise
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
+
+
+class LauncherName(str, Enum):
+    local = "local"
+    torchrun = "torchrun"
+    slurm = "slurm"
+
+
+class DeviceMap(str, Enum):
+    auto = "auto"
+
+
+class Scheduler(str, Enum):
+    linear = "linear"
+    cosine = "cosine"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+
+
+@dataclass
+class TinyArch:
+    """Shape of the embedded tiny Llama-architecture model (random weights, built locally)."""
+
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 1024
+    init_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    # A hub id or a local directory. Null selects the embedded tiny model described by `tiny`.
+    name_or_path: Optional[str] = None
+    tiny: Optional[TinyArch] = None
+    family: str = "llama"
+    adapters: List[str] = field(default_factory=list)
+    new_adapter: bool = False
+    resize_vocab: bool = False
+    device_map: Optional[DeviceMap] = None
+    upcast_layernorm: bool = True
+    trust_remote_code: bool = False
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class QuantConfig:
+    method: QuantMethod = QuantMethod.none
+    bits: Optional[int] = None
+    quant_type: QuantType = QuantType.nf4
+    double_quant: bool = True
+    compute_dtype: Dtype = Dtype.auto
+    group_size: int = 64
+
+
+@dataclass
+class PeftConfig:
+    method: PeftMethod = PeftMethod.lora
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    use_rslora: bool = False
+    oft_block_size: int = 0
+    # freeze: the last N decoder layers are trained, the rest frozen.
+    freeze_trainable_layers: int = 2
+    pissa_iters: int = 16
+
+
+@dataclass
+class StrategyConfig:
+    name: StrategyName = StrategyName.single
+    version: int = 2  # FSDP version: 2 is torch's fully_shard, 1 the wrapper class
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = "sample"
+    format: DataFormat = DataFormat.alpaca
+    path: str = "???"
+    eval_fraction: float = 0.1
+    max_samples: Optional[int] = None
+    split_seed: int = 0
+
+
+@dataclass
+class LoggerConfig:
+    name: LoggerName = LoggerName.none
+    project: str = "qforge"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    mode: WandbMode = WandbMode.auto
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class SlurmConfig:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "04:00:00"
+    nodes: int = 1
+    gpus_per_node: int = 1
+    cpus_per_task: int = 8
+    mem: Optional[str] = None
+    constraint: Optional[str] = None
+    signal: str = "USR2@120"
+    extra: List[str] = field(default_factory=list)
+    setup: List[str] = field(default_factory=list)
+    strict: bool = False
+
+
+@dataclass
+class LauncherConfig:
+    name: LauncherName = LauncherName.local
+    nproc_per_node: str = "auto"
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: Optional[str] = None
+    rdzv_id: Optional[str] = None
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+
+
+@dataclass
+class TrainLoop:
+    max_steps: int = -1
+    num_epochs: float = 1.0
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-4
+    scheduler: Scheduler = Scheduler.cosine
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_seq_len: int = 512
+    gradient_checkpointing: bool = True
+    logging_steps: int = 5
+    eval_steps: int = 50
+    save_steps: int = 50
+    save_total_limit: int = 2
+    optim: str = "adamw_torch"
+    resume: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    train: TrainLoop = field(default_factory=TrainLoop)
+    dry_run: bool = False
+    do_train: bool = True
+    do_eval: bool = True
+    seed: int = 42
+    output_root: str = "outputs"
+    # Null: a fresh, unique dir under output_root. Set it to resume or to name a run yourself.
+    run_dir: Optional[str] = None
+    run_name: Optional[str] = None
+
+
+def register_schema() -> None:
+    """Put the schema where conf/train.yaml's defaults list finds it (`- run_schema`)."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)

@@ -1,0 +1,128 @@
+"""What a run leaves behind for people: metrics.json, loss.png, and the wandb run.
+
+Only the main process (rank 0) writes any of it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+log = logging.getLogger(__name__)
+
+SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+
+
+def write_metrics(run_dir: str, metrics: Dict[str, Any]) -> Path:
+    path = Path(run_dir) / "metrics.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)  # metrics.json marks a finished run: it appears whole or not at all
+    return path
+
+
+def plot_losses(run_dir: str, history: List[Dict[str, Any]], title: str) -> Optional[Path]:
+    """Train and eval loss against optimizer step, from the Trainer's log history."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(run_dir) / "loss.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def wandb_mode(requested: str) -> str:
+    """auto: online only when an API key is configured; never prompt for one."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "online":
+        return "online"
+    return "offline"
+
+
+def make_wandb_callback(cfg: Any, plan: Any, resolved_config: Dict[str, Any]) -> Any:
+    from transformers import TrainerCallback
+
+    class WandbCallback(TrainerCallback):
+        """Logs the config with quant/peft/strategy tags, every logging step, and the final metrics."""
+
+        def __init__(self) -> None:
+            self.run: Any = None
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero and self.run is None:
+                self.start()
+
+        def start(self) -> None:
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            mode = wandb_mode(cfg.logger.mode.value)
+            run_id_file = Path(plan.run_dir) / "wandb_run_id"
+            # A requeued or resumed run continues the same wandb run instead of starting a new one.
+            run_id = run_id_file.read_text().strip() if run_id_file.exists() else wandb.util.generate_id()
+            run_id_file.write_text(run_id)
+            self.run = wandb.init(
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                group=cfg.logger.group,
+                name=plan.run_name,
+                id=run_id,
+                resume="allow",
+                dir=plan.run_dir,
+                mode=mode,
+                tags=plan.logger["tags"],
+                config=scrub(resolved_config),
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Optional[Dict[str, Any]] = None,
+                   **kwargs: Any) -> None:
+            if self.run is None or not logs:
+                return
+            numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+            self.run.log(numbers, step=state.global_step)
+
+        def finish(self, final: Dict[str, Any]) -> None:
+            if self.run is None:
+                self.start()
+            for key, value in final.items():
+                if isinstance(value, (int, float)):
+                    self.run.summary[key] = value
+            self.run.finish()
+
+    return WandbCallback()
+
+
+def scrub(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Drop anything that looks like a secret before a config leaves the process."""
+    def clean(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: clean(v) for k, v in node.items()
+                    if not any(word in str(k).lower() for word in ("token", "api_key", "password", "secret"))}
+        if isinstance(node, list):
+            return [clean(v) for v in node]
+        return node
+
+    return clean(config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -81,7 +82,7 @@ def make_wandb_callback(cfg: Any, plan: Any, resolved_config: Dict[str, Any]) ->
             mode = wandb_mode(cfg.logger.mode.value)
             run_id_file = Path(plan.run_dir) / "wandb_run_id"
             # A requeued or resumed run continues the same wandb run instead of starting a new one.
-            run_id = run_id_file.read_text().strip() if run_id_file.exists() else wandb.util.generate_id()
+            run_id = run_id_file.read_text().strip() if run_id_file.exists() else secrets.token_hex(4)
             run_id_file.write_text(run_id)
             self.run = wandb.init(
                 project=cfg.logger.project,

@@ -65,6 +65,11 @@ def attach(model: Any, cfg: Any) -> Any:
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
 
     kwargs = adapter_kwargs(cfg)
+    from trainer.quant.targets import linear_targets
+
+    if kwargs.get("target_modules") == "all-linear" and linear_targets(model):
+        # HQQ / GPTQ / AWQ / AQLM layers are not nn.Linear, which is all peft's "all-linear" matches.
+        kwargs["target_modules"] = linear_targets(model)
     if name == "oft":
         config = OFTConfig(task_type=TaskType.CAUSAL_LM, **kwargs)
     else:

@@ -33,8 +33,13 @@ def requirements(cfg: Any) -> List[Tuple[str, Requirement]]:
 
 def check(cfg: Any) -> None:
     """Raise a UserError naming the first missing piece and the line that installs it."""
-    gpus = accelerators().gpus
-    for asked_by, req in requirements(cfg):
+    check_requirements(requirements(cfg))
+
+
+def check_requirements(needed: List[Tuple[str, Requirement]]) -> None:
+    """The same checks for any (asked by, requirement) list; trainer.export uses it too."""
+    gpus = accelerators().gpus if any(req.needs_gpu for _, req in needed) else 0
+    for asked_by, req in needed:
         if importlib.util.find_spec(req.module) is None:
             raise UserError(f"{asked_by} needs the package {req.distribution}, which is not installed; "
                             f"install it with: {req.install}")

@@ -55,7 +55,7 @@ def backends() -> List[Backend]:
     return [b for b in found if b is not None]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def backend_for(method: str) -> Backend:
     table: Dict[str, Backend] = {b.method: b for b in backends()}
     return table[method]

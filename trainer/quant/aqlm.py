@@ -1,4 +1,9 @@
-"""AQLM: pre-quantized additive-quantization checkpoints (1-4 bits per weight, codebook based)."""
+"""AQLM: pre-quantized additive-quantization checkpoints (1-4 bits per weight, codebook based).
+
+aqlm's QuantizedLinear has a backward pass on every kernel it picks: CUDA kernels for the 1x16
+and 2x8 layouts, triton otherwise on GPU; on CPU numba for 256-entry codebooks (aqlm[cpu]) and a
+pure-torch dequantize-and-matmul for the rest.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,10 @@ from typing import Any, Dict, List
 
 from trainer.quant import Backend, Requirement
 from trainer.quant.common import bits_rule
-from trainer.quant.prequantized import load_prequantized, sharding_rule
+from trainer.quant.prequantized import check_checkpoint, load_prequantized, sharding_rule
+from trainer.quant.targets import mark_linear_targets
 
-INSTALL = "pip install 'qforge[aqlm]'  (aqlm[gpu]>=1.1)"
+INSTALL = "pip install 'qforge[aqlm]'  (aqlm[gpu,cpu]>=1.1)"
 
 RULES = [
     bits_rule("aqlm", (1, 2, 3, 4), "AQLM"),
@@ -20,8 +26,15 @@ def requirements(cfg: Any) -> List[Requirement]:
     return [Requirement("aqlm", "aqlm", "1.1.0", INSTALL)]
 
 
+def checkpoint_bits(quant: Dict[str, Any]) -> float:
+    """Average bits per weight of an AQLM layout: codes per group over weights per group."""
+    group = int(quant.get("in_group_size", 8)) * int(quant.get("out_group_size", 1))
+    return int(quant.get("num_codebooks", 1)) * int(quant.get("nbits_per_codebook", 16)) / group
+
+
 def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
-    return load_prequantized(path, model_kwargs)
+    check_checkpoint(path, "aqlm", cfg.quant.bits, bits_of=lambda q: round(checkpoint_bits(q)))
+    return mark_linear_targets(load_prequantized(path, model_kwargs))
 
 
 BACKEND = Backend(

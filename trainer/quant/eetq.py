@@ -7,7 +7,9 @@ from typing import Any, Dict, List
 from trainer.quant import Backend, Requirement
 from trainer.quant.common import bits_rule, no_sharding_rule
 
-INSTALL = "pip install eetq  (build it from source on a CUDA machine: github.com/NetEase-FuXi/EETQ)"
+# eetq is not on PyPI: it builds from source against CUDA (nvcc), so the line names the repository.
+INSTALL = ("pip install git+https://github.com/NetEase-FuXi/EETQ.git  (on a CUDA machine with nvcc; "
+           "eetq has no PyPI release)")
 
 RULES = [
     bits_rule("eetq", (8,), "EETQ"),

@@ -1,33 +1,57 @@
-"""GPTQ: pre-quantized checkpoints (gptqmodel), and export of a merged model to GPTQ."""
+"""GPTQ: pre-quantized checkpoints (gptqmodel through transformers), and the export that makes them.
+
+transformers 5.x loads GPTQ (and AWQ) through gptqmodel and optimum. gptqmodel picks its kernel per
+device; `backend="auto_trainable"` keeps it to kernels with a backward pass (the exllama kernels are
+inference only), which on CPU is its pure-torch TorchAtenLinear.
+"""
 
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List
 
 from trainer.quant import Backend, Requirement
 from trainer.quant.common import bits_rule
-from trainer.quant.prequantized import load_prequantized, sharding_rule
+from trainer.quant.prequantized import check_checkpoint, load_prequantized, sharding_rule
+from trainer.quant.targets import mark_linear_targets
 
-INSTALL = "pip install 'qforge[gptq]'  (gptqmodel>=2.0, optimum)"
+# gptqmodel ships as an sdist only; its kernels compile on first use, so it installs on CPU too.
+INSTALL = "pip install 'qforge[gptq]'  (gptqmodel>=2.0 and optimum>=1.24)"
 
 RULES = [
     bits_rule("gptq", (2, 3, 4, 8), "GPTQ"),
     sharding_rule("gptq", "GPTQ"),
 ]
 
+GPTQMODEL = Requirement("gptqmodel", "gptqmodel", "2.0.0", INSTALL)
+# transformers' own floor for the optimum that drives gptqmodel (quantizer_gptq.MIN_OPTIMUM_VERSION).
+OPTIMUM = Requirement("optimum", "optimum", "1.24.0", INSTALL)
+
 
 def requirements(cfg: Any) -> List[Requirement]:
-    return [Requirement("gptqmodel", "gptqmodel", "2.0.0", INSTALL)]
+    return [GPTQMODEL, OPTIMUM]
+
+
+def export_requirements() -> List[Requirement]:
+    return [GPTQMODEL, OPTIMUM]
+
+
+def gptqmodel_cpu_workers() -> None:
+    """gptqmodel asks for 2 CPU loader workers but budgets only ceil(cores / 2) CPU workers, so on a
+    2-core machine it refuses to start; give it 2 unless the user chose a number."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, ((os.cpu_count() or 1) + 1) // 2)))
 
 
 def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
-    # The exllama kernels are inference-only; training needs the torch/triton path.
-    return load_prequantized(path, model_kwargs, use_exllama=False)
+    check_checkpoint(path, "gptq", cfg.quant.bits)
+    gptqmodel_cpu_workers()
+    model = load_prequantized(path, model_kwargs, backend="auto_trainable")
+    return mark_linear_targets(model)  # gptqmodel's layers are not nn.Linear
 
 
 BACKEND = Backend(
     method="gptq",
-    summary="GPTQ 2/3/4/8-bit, pre-quantized checkpoint",
+    summary="GPTQ 2/3/4/8-bit, pre-quantized checkpoint (gptqmodel)",
     bits=(2, 3, 4, 8),
     pre_quantized=True,
     trains_quantized=True,

@@ -10,12 +10,27 @@ from typing import Any, Dict, List
 
 from trainer.quant import Backend, Requirement
 from trainer.quant.common import bits_rule, no_sharding_rule
+from trainer.rules import error, method
 
 INSTALL = "pip install 'qforge[hqq]'  (hqq>=0.2.1)"
 
 RULES = [
     bits_rule("hqq", (1, 2, 3, 4, 5, 6, 8), "HQQ"),
     no_sharding_rule("hqq", "HQQ", "its packed weights are not shardable by FSDP or ZeRO-3."),
+    error(
+        "hqq.group_size",
+        ["quant"],
+        lambda cfg: method(cfg) == "hqq" and (cfg.quant.group_size < 8 or cfg.quant.group_size % 8 != 0),
+        "HQQ groups weights in multiples of 8, not quant.group_size={cfg.quant.group_size}.",
+        "set quant.group_size to a multiple of 8 that divides the layer width (64 is the default).",
+    ),
+    error(
+        "hqq.no_device_map_auto",
+        ["quant", "model"],
+        lambda cfg: method(cfg) == "hqq" and cfg.model.device_map is not None,
+        "HQQ quantizes every layer onto one device after loading, so model.device_map=auto cannot spread it.",
+        "set model.device_map=null, or use quant=bnb4 to spread a quantized model over GPUs.",
+    ),
 ]
 
 

@@ -1,0 +1,57 @@
+"""Rules of GPTQ export (LLaMA-Factory's export checks), as data like every other rule.
+
+They judge the composed export config (conf/export.yaml), not a training config, so the validator
+of train.py does not run them; trainer.export does, and the matrix lists them in its rule table.
+What needs the disk (is the base a 16-bit model, is a path an adapter) is checked in preflight.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+from trainer.rules import Rule, Violation, error
+
+GPTQ_BITS = (2, 3, 4, 8)
+
+RULES: List[Rule] = [
+    error(
+        "export.gptq_bits",
+        ["export"],
+        lambda cfg: cfg.export.bits not in GPTQ_BITS,
+        "GPTQ export quantizes to 2/3/4/8 bits, not export.bits={cfg.export.bits}.",
+        "set export.bits to one of 2/3/4/8.",
+    ),
+    error(
+        "export.calibration_dataset",
+        ["export"],
+        lambda cfg: not cfg.export.dataset,
+        "GPTQ export needs a calibration dataset to fit its rounding, and export.dataset is not set.",
+        "set export.dataset to a JSON/JSONL file of training-like text (e.g. the file you trained on).",
+    ),
+    error(
+        "export.fp16_compute",
+        ["export"],
+        lambda cfg: cfg.export.compute_dtype.value != "float16",
+        "GPTQ export computes in float16, not export.compute_dtype={cfg.export.compute_dtype.value}.",
+        "set export.compute_dtype=float16.",
+    ),
+    error(
+        "export.no_chatglm",
+        ["export", "model"],
+        lambda cfg: "chatglm" in str(cfg.model.family).lower(),
+        "GPTQ export does not support ChatGLM models (model.family={cfg.model.family}).",
+        "export a ChatGLM model unquantized, or quantize it with a ChatGLM-specific tool.",
+    ),
+    error(
+        "export.positive_sizes",
+        ["export"],
+        lambda cfg: cfg.export.nsamples < 1 or cfg.export.max_len < 8,
+        "export.nsamples={cfg.export.nsamples} and export.max_len={cfg.export.max_len} leave GPTQ "
+        "no calibration tokens.",
+        "set export.nsamples >= 1 and export.max_len >= 8 (128 and 512 are good defaults).",
+    ),
+]
+
+
+def check(cfg: Any) -> List[Violation]:
+    return [v for v in (rule.check(cfg) for rule in RULES) if v is not None]

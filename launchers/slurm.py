@@ -1,0 +1,232 @@
+"""launcher=slurm: render slurm/train.sbatch for one run or a sweep's job array, submit it, optionally wait.
+
+The submitting shell returns once sbatch has answered (hydra #692) unless launcher.slurm.wait=true.
+Inside the job the same module runs each rank: the sbatch script starts torchrun on every node with
+QFORGE_CHILD=1, the rank composes the same overrides and `submit` hands it to the torchrun launcher's
+rank path. Failure semantics are the script's: it exits with training's status, so a run that raised
+ends FAILED in Slurm (hydra #1928), and it alone requeues a preempted run (see slurm/train.sbatch).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from trainer import rundir
+from trainer.errors import UserError
+from trainer.plan import RunPlan
+from trainer.preemption import SIGNAL_SPEC, signal_name
+from trainer.rules import Severity, Violation
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TEMPLATE = REPO_ROOT / "slurm" / "train.sbatch"
+TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                   "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "UNKNOWN"}
+_TIME = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
+
+
+@dataclass
+class SlurmJob:
+    """One array task: the composition's overrides (without run_dir) and the run dir it owns."""
+
+    index: int
+    overrides: List[str]
+    run_dir: str
+
+
+def submit(cfg: Any, plan: RunPlan, overrides: List[str]) -> None:
+    """A single run: one job (an array of one). Inside the job, train this rank instead."""
+    from launchers.torchrun import is_child, run_rank
+
+    if is_child():
+        run_rank(cfg, plan)
+        return
+    problems = check_settings(cfg.launcher.slurm)
+    if problems:
+        raise UserError(" ".join(f"[{p.rule_id}] {p.message} Fix: {p.fix}" for p in problems))
+    fresh = not Path(plan.run_dir).exists()
+    rundir.create(plan.run_dir, cfg, overrides, plan.to_dict())
+    job = SlurmJob(0, without_run_dir(overrides), plan.run_dir)
+    log_dir = Path(plan.run_dir) / "slurm"
+    try:
+        job_id = submit_array(cfg.launcher.slurm, [job], log_dir)
+    except UserError:
+        if fresh:  # nothing was queued: leave no run dir that looks like a run behind
+            shutil.rmtree(plan.run_dir, ignore_errors=True)
+        raise
+    print(f"qforge: submitted Slurm job {job_id}_0; run dir {plan.run_dir}\n"
+          f"qforge: log {log_dir}/{job_id}_0.out; watch with: squeue -j {job_id}", file=sys.stderr)
+    if cfg.launcher.slurm.wait:
+        states = wait_for(job_id, 1)
+        state = states.get(0, "UNKNOWN")
+        print(f"qforge: job {job_id}_0 ended {state}; outputs in {plan.run_dir}", file=sys.stderr)
+        if state != "COMPLETED":
+            sys.exit(1)
+
+
+def without_run_dir(overrides: Sequence[str]) -> List[str]:
+    return [o for o in overrides if not o.lstrip("+~").startswith("run_dir=")]
+
+
+def check_settings(slurm: Any) -> List[Violation]:
+    """Cluster settings sbatch would reject, or silently misread, as rule-style violations."""
+    found: List[Violation] = []
+
+    def bad(rule_id: str, message: str, fix: str) -> None:
+        found.append(Violation(rule_id, Severity.error, message, fix))
+
+    if slurm.nodes < 1 or slurm.gpus_per_node < 0 or slurm.cpus_per_task < 1:
+        bad("slurm.sizes", f"launcher.slurm needs nodes>=1, gpus_per_node>=0, cpus_per_task>=1 (got nodes="
+            f"{slurm.nodes}, gpus_per_node={slurm.gpus_per_node}, cpus_per_task={slurm.cpus_per_task}).",
+            "set them to positive counts (gpus_per_node=0 for a CPU-only job).")
+    if not _TIME.match(str(slurm.time)):
+        bad("slurm.time", f"launcher.slurm.time={slurm.time} is not a Slurm time limit.",
+            "use minutes, HH:MM:SS or D-HH:MM:SS, e.g. launcher.slurm.time=04:00:00.")
+    if signal_name(str(slurm.signal)) is None:
+        bad("slurm.signal", f"launcher.slurm.signal={slurm.signal} is not SIGNAL@SECONDS with a known signal.",
+            "use e.g. launcher.slurm.signal=USR2@120 (USR2 because NCCL may use USR1).")
+    for option in slurm.extra:
+        if not str(option).startswith("-"):
+            bad("slurm.extra", f"launcher.slurm.extra holds '{option}', which is not an sbatch option.",
+                "list sbatch options with their dashes, e.g. launcher.slurm.extra=[--exclusive].")
+    return found
+
+
+def sbatch_signal(spec: str) -> str:
+    """Always to the batch shell (B:): torchrun's agent would die of USR2's default action."""
+    match = SIGNAL_SPEC.match(spec.strip().upper())
+    assert match, spec
+    seconds = match.group(2)
+    return f"B:{signal_name(spec)}" + (f"@{seconds}" if seconds else "")
+
+
+def header_lines(slurm: Any, n_jobs: int, log_dir: Path) -> List[str]:
+    options = [f"--job-name={slurm.job_name}", f"--nodes={slurm.nodes}", "--ntasks-per-node=1"]
+    if slurm.gpus_per_node > 0:
+        options.append(f"--gpus-per-node={slurm.gpus_per_node}")
+    options += [f"--cpus-per-task={slurm.cpus_per_task}", f"--time={slurm.time}"]
+    for key in ("partition", "account", "qos", "mem", "constraint"):
+        value = getattr(slurm, key)
+        if value not in (None, ""):
+            options.append(f"--{key}={value}")
+    options += [f"--signal={sbatch_signal(str(slurm.signal))}", "--requeue", "--open-mode=append",
+                f"--output={log_dir}/%A_%a.out", f"--array=0-{n_jobs - 1}"]
+    options += [str(o) for o in slurm.extra]
+    return [f"#SBATCH {o}" for o in options]
+
+
+def job_lines(slurm: Any, jobs: Sequence[SlurmJob], python: str, root: Path) -> List[str]:
+    """Which run this array task is: one `case` branch per task, readable in the rendered script."""
+    q = shlex.quote
+    nproc = max(int(slurm.gpus_per_node), 1)
+    lines = [f"QFORGE_ROOT={q(str(root))}", f"PYTHON={q(python)}", f"GPUS_PER_NODE={int(slurm.gpus_per_node)}",
+             f"NPROC={nproc}",
+             f"WARNING_SIGNAL={signal_name(str(slurm.signal))}",
+             'case "${SLURM_ARRAY_TASK_ID:-0}" in']
+    for job in jobs:
+        args = " ".join(q(o) for o in job.overrides)
+        lines.append(f"    {job.index}) RUN_DIR={q(job.run_dir)}; OVERRIDES=({args}) ;;")
+    lines += ['    *) echo "qforge: no run for array task ${SLURM_ARRAY_TASK_ID}" >&2; exit 2 ;;', "esac"]
+    if slurm.setup:
+        lines.append("# launcher.slurm.setup")
+        lines += [str(s) for s in slurm.setup]
+    return lines
+
+
+def render_sbatch(slurm: Any, jobs: Sequence[SlurmJob], log_dir: Path, python: Optional[str] = None,
+                  root: Path = REPO_ROOT, template: Path = TEMPLATE) -> str:
+    """slurm/train.sbatch with its header and job blocks filled in from the config."""
+    if not template.is_file():
+        raise UserError(f"the sbatch template {template} is missing: launcher=slurm renders it from a qforge "
+                        "checkout; run from one (git clone), or restore slurm/train.sbatch.")
+    text = template.read_text()
+    text = _replace_block(text, "header", header_lines(slurm, len(jobs), log_dir))
+    return _replace_block(text, "job", job_lines(slurm, jobs, python or sys.executable, root))
+
+
+def _replace_block(text: str, name: str, lines: List[str]) -> str:
+    pattern = re.compile(rf"^# qforge:{name} begin\n.*?^# qforge:{name} end\n", re.S | re.M)
+    if not pattern.search(text):
+        raise UserError(f"the sbatch template lacks its '# qforge:{name} begin/end' markers; "
+                        "restore slurm/train.sbatch from the repository.")
+    block = "\n".join([f"# qforge:{name} begin (rendered by launchers/slurm.py)", *lines, f"# qforge:{name} end"])
+    return pattern.sub(lambda _: block + "\n", text, count=1)
+
+
+def submit_array(slurm: Any, jobs: Sequence[SlurmJob], log_dir: Path, script_name: str = "job.sbatch") -> str:
+    """Render, write and sbatch the array; returns the array's job id."""
+    # sbatch of Slurm < 23.02 fails silently when the --output folder is missing (hydra #2100).
+    log_dir.mkdir(parents=True, exist_ok=True)
+    script = log_dir / script_name
+    script.write_text(render_sbatch(slurm, jobs, log_dir))
+    return sbatch(script)
+
+
+def sbatch(script: Path, *options: str) -> str:
+    if shutil.which("sbatch") is None:
+        raise UserError("sbatch is not on PATH: launcher=slurm submits from a Slurm login node; "
+                        "run there, or use launcher=local or launcher=torchrun here.")
+    result = subprocess.run(["sbatch", "--parsable", *options, str(script)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise UserError(f"sbatch refused {script}: {result.stderr.strip()} Fix: check launcher.slurm "
+                        "(partition, account, qos, time, gpus_per_node) against `sinfo` and your cluster's limits.")
+    return result.stdout.strip().split(";")[0]
+
+
+def job_states(job_id: str) -> Optional[Dict[int, str]]:
+    """Array task -> Slurm state from scontrol; None when Slurm no longer knows the job."""
+    result = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        return None
+    states: Dict[int, str] = {}
+    for line in result.stdout.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        state = fields.get("JobState", "UNKNOWN")
+        for task in _task_ids(fields.get("ArrayTaskId", "0")):
+            states[task] = state
+    return states
+
+
+def _task_ids(spec: str) -> List[int]:
+    """'3', '0-4', '0,2,5-6' or '0-9%2' (pending tasks are listed as ranges)."""
+    ids: List[int] = []
+    for part in spec.split("%")[0].split(","):
+        if "-" in part:
+            low, high = part.split("-", 1)
+            ids += range(int(low), int(high) + 1)
+        elif part.isdigit():
+            ids.append(int(part))
+    return ids
+
+
+def wait_for(job_id: str, n_tasks: int, max_poll: float = 5.0, timeout: Optional[float] = None,
+             array: bool = True) -> Dict[int, str]:
+    """Poll until every task has a terminal state, printing each change; gentle on slurmctld."""
+    last: Dict[int, str] = {}
+    pause = 1.0
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        states = job_states(job_id)
+        if states is None:  # aged out of slurmctld (MinJobAge): what we saw last is all we know
+            return {t: last[t] if last.get(t) in TERMINAL_STATES else "UNKNOWN" for t in range(n_tasks)}
+        for task, state in sorted(states.items()):
+            if last.get(task) != state:
+                print(f"qforge: job {job_id}{f'_{task}' if array else ''}: {state}", file=sys.stderr)
+                pause = 1.0
+        last.update(states)
+        if all(last.get(t) in TERMINAL_STATES for t in range(n_tasks)):
+            return {t: last[t] for t in range(n_tasks)}
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"Slurm job {job_id} still not finished after {timeout:.0f} s: {last}")
+        time.sleep(pause)
+        pause = min(pause * 1.5, max_poll)

@@ -1,0 +1,247 @@
+"""One side of the benchmark in its own process: `python -m bench.side <job.json>`.
+
+A process per side keeps GPU memory peaks apart and keeps qforge's kernel patches (liger replaces
+module-level functions) away from the baseline. The job file says which checkpoint, which work items
+and (for qforge) which override sets to run; results go to the job's `out` JSON.
+
+The baseline is written the way the transformers/peft QLoRA docs show: BitsAndBytesConfig (nf4,
+double quant, bf16 compute), prepare_model_for_kbit_training, LoraConfig(r=16, all-linear), the HF
+Trainer with gradient checkpointing, and DataCollatorForSeq2Seq padding each batch to its longest.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+IGNORE_INDEX = -100
+
+
+def qforge_overrides(job: Dict[str, Any], item: Dict[str, Any], extra: List[str]) -> List[str]:
+    """The qforge run for a work item: same model, data, batch, sequence length and LoRA config."""
+    return [
+        "model=local", f"model.name_or_path={job['checkpoint']}", "quant=bnb4", "peft=lora", "peft.r=16",
+        "peft.alpha=32", "peft.dropout=0.05", "data=alpaca", f"data.path={item['data']}",
+        f"train.max_seq_len={item['max_len']}", f"train.batch_size={item['batch']}",
+        f"train.max_steps={job['warmup'] + job['steps']}", "train.logging_steps=1", "train.save_steps=100000",
+        "train.warmup_ratio=0", "do_eval=false", "logger=none", f"output_root={job['workdir']}/runs",
+        *extra,
+    ]
+
+
+def examples_for(job: Dict[str, Any], item: Dict[str, Any]) -> tuple:
+    """qforge's own tokenization of the item's data: both sides train on exactly these token ids."""
+    from trainer.compose import compose
+    from trainer.data import load_examples
+    from trainer.model import load_tokenizer
+
+    cfg = compose(qforge_overrides(job, item, []))
+    tokenizer = load_tokenizer(cfg, job["checkpoint"])
+    train, _ = load_examples(cfg, tokenizer)
+    return train, tokenizer
+
+
+def probe_loss(model: Any, batch: Dict[str, Any]) -> float:
+    """The loss on one fixed batch, in training mode (the path training takes) without updating anything."""
+    import torch
+
+    model.train()
+    device = next(p.device for p in model.parameters())
+    batch = {k: v.to(device) for k, v in batch.items()}
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return float(model(**batch).loss)
+
+
+class Meter:
+    """Step wall times (synchronised), non-padding tokens per step, peak memory, and a fixed-batch loss."""
+
+    def __init__(self, pad_token_id: int, probe_batch: Optional[Dict[str, Any]], warmup: int):
+        self.pad = pad_token_id
+        self.probe_batch = probe_batch
+        self.warmup = warmup
+        self.ends: List[float] = []
+        self.tokens: List[int] = []
+        self.pending = 0
+        self.probe_loss = float("nan")
+        self.peak_bytes = 0
+        self.hook = None
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+                meter.begin(model)
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                meter.step_end()
+
+            def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                meter.end()
+
+        return _Callback()
+
+    def _count(self, module: Any, args: Any, kwargs: Dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and module.training:
+            self.pending += int((ids != self.pad).sum())
+
+    def begin(self, model: Any) -> None:
+        import torch
+
+        if self.probe_batch is not None:
+            self.probe_loss = probe_loss(model, self.probe_batch)
+        self.hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        self._sync()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        self.ends = [time.perf_counter()]
+
+    @staticmethod
+    def _sync() -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def step_end(self) -> None:
+        self._sync()
+        self.ends.append(time.perf_counter())
+        self.tokens.append(self.pending)
+        self.pending = 0
+
+    def end(self) -> None:
+        import torch
+
+        if self.hook is not None:
+            self.hook.remove()
+        if torch.cuda.is_available():
+            self.peak_bytes = torch.cuda.max_memory_allocated()
+
+    def summary(self) -> Dict[str, Any]:
+        times = [b - a for a, b in zip(self.ends[:-1], self.ends[1:], strict=True)]
+        measured = list(range(self.warmup, len(times)))
+        if not measured:
+            raise RuntimeError(f"only {len(times)} steps ran; need more than {self.warmup} warm-up steps")
+        step_times = [times[i] for i in measured]
+        rates = [self.tokens[i] / times[i] for i in measured]
+        return {
+            "tokens_per_s": statistics.median(rates),
+            "step_s": statistics.median(step_times),
+            "tokens_per_step": statistics.median(self.tokens[i] for i in measured),
+            "peak_gib": self.peak_bytes / 2**30,
+            "probe_loss": self.probe_loss,
+            "measured_steps": len(measured),
+        }
+
+
+def run_baseline(job: Dict[str, Any]) -> List[Dict[str, Any]]:
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        AutoModelForCausalLM,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
+
+    cuda = torch.cuda.is_available()
+    compute = torch.bfloat16 if cuda else torch.float32  # bnb's CPU path computes in fp32
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=compute)
+    model = AutoModelForCausalLM.from_pretrained(job["checkpoint"], quantization_config=bnb_config,
+                                                 dtype=compute, device_map={"": 0} if cuda else None)
+    model.config.use_cache = False
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", bias="none",
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    results = []
+    data = {}
+    for item in job["items"]:
+        examples, tokenizer = examples_for(job, item)
+        rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
+                for e in examples]
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, return_tensors="pt")
+        # Every item's fixed-batch loss is taken before any training, on the freshly adapted model.
+        data[item["name"]] = (rows, collator, tokenizer, probe_loss(model, collator(rows[: item["batch"]])))
+    for item in job["items"]:
+        rows, collator, tokenizer, loss = data[item["name"]]
+        meter = Meter(tokenizer.pad_token_id, None, job["warmup"])
+        meter.probe_loss = loss
+        args = TrainingArguments(
+            output_dir=tempfile.mkdtemp(dir=job["workdir"]), per_device_train_batch_size=item["batch"],
+            gradient_checkpointing=True, bf16=cuda, use_cpu=not cuda, learning_rate=2e-4,
+            max_steps=job["warmup"] + job["steps"], logging_steps=1, save_strategy="no", report_to=[],
+            seed=42, remove_unused_columns=False)
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collator,
+                          callbacks=[meter.callback()])
+        trainer.train()
+        results.append({"side": "baseline", "item": item["name"], "variant": "HF Trainer + peft",
+                        **meter.summary(), "first_loss": _first_loss(trainer)})
+        del trainer
+        _free()
+    return results
+
+
+def run_qforge(job: Dict[str, Any]) -> List[Dict[str, Any]]:
+    from trainer import run as qforge_run
+    from trainer import speed
+    from trainer.compose import compose
+    from trainer.plan import build_plan
+    from trainer.validate import validate
+
+    results = []
+    for item in job["items"]:
+        for variant in item["variants"]:
+            cfg = compose(qforge_overrides(job, item, variant["overrides"]))
+            report = validate(cfg)
+            if not report.ok:
+                raise SystemExit(f"qforge rejected {variant}: {[v.line() for v in report.errors]}")
+            examples, tokenizer = examples_for(job, item)
+            # The probe batch goes through qforge's own batching path (packed rows or padded).
+            probe_set, _, collator = speed.training_data(cfg, tokenizer, examples[: item["batch"]], [])
+            meter = Meter(tokenizer.pad_token_id, collator([probe_set[i] for i in range(len(probe_set))]),
+                          job["warmup"])
+            plan = build_plan(cfg)
+            metrics = qforge_run.train(cfg, plan, extra_callbacks=[meter.callback()])
+            first = next((h["loss"] for h in metrics.get("log_history", []) if "loss" in h), float("nan"))
+            results.append({"side": "qforge", "item": item["name"], "variant": variant["name"],
+                            "overrides": variant["overrides"], **meter.summary(), "first_loss": first})
+            _free()
+    return results
+
+
+def _first_loss(trainer: Any) -> float:
+    return next((h["loss"] for h in trainer.state.log_history if "loss" in h), float("nan"))
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    job = json.loads(open(sys.argv[1]).read())
+    from trainer.entry import configure_logging
+
+    configure_logging()
+    results = run_baseline(job) if job["side"] == "baseline" else run_qforge(job)
+    with open(job["out"], "w") as out:
+        json.dump(results, out, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Checks shared by the multi-process strategy and resume tests: outputs of a finished run dir."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List
+
+import yaml
+
+
+def metrics(run_dir: Path) -> Dict[str, Any]:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def train_losses(run_dir: Path) -> List[float]:
+    return [e["loss"] for e in metrics(run_dir)["log_history"] if "loss" in e]
+
+
+def reload_logits(run_dir: Path) -> Any:
+    """Load the base model the way the run did (same quantization), attach the saved adapter, run the probe.
+
+    Returns (reloaded logits, the trained model's logits saved by the run, base logits without the adapter).
+    """
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    plan = json.loads((run_dir / ".hydra" / "plan.json").read_text())
+    cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    from trainer.tiny import tiny_model_dir
+
+    source = cfg["model"]["name_or_path"] or str(tiny_model_dir(_tiny_arch(cfg)))
+    dtype = getattr(torch, plan["compute_dtype"])
+    kwargs: Dict[str, Any] = {"dtype": dtype}
+    bnb = plan["quant"].get("bitsandbytes_config")
+    if bnb:
+        bnb = dict(bnb)
+        for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
+            if key in bnb:
+                bnb[key] = getattr(torch, bnb[key])
+        kwargs["quantization_config"] = BitsAndBytesConfig(**bnb)
+    base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    if cfg["model"].get("upcast_layernorm"):
+        for name, module in base.named_modules():
+            if "norm" in type(module).__name__.lower() or name.endswith("norm"):
+                module.to(torch.float32)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
+    saved = load_file(str(run_dir / "final_logits.safetensors"))
+    with torch.no_grad():
+        logits = model(input_ids=saved["input_ids"]).logits.float()
+        with model.disable_adapter():
+            base_logits = model(input_ids=saved["input_ids"]).logits.float()
+    return logits, saved["logits"], base_logits
+
+
+def _tiny_arch(cfg: Dict[str, Any]) -> Any:
+    from trainer.schema import TinyArch
+
+    return TinyArch(**cfg["model"]["tiny"])
+
+
+# ---- running 2-process jobs (real torchrun, gloo), each at most once per pytest process ----
+
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS = 8
+SAVE_STEPS = 4
+_ROOT = Path(tempfile.mkdtemp(prefix="qforge-strategies-"))
+_FINISHED: Dict[tuple, Path] = {}
+
+
+def overrides(strategy: str, quant: str, run_dir: Path, save_steps: int = SAVE_STEPS) -> List[str]:
+    """A short 2-process run that still checkpoints (every save_steps) and logs every step."""
+    return ["launcher=torchrun", "launcher.nproc_per_node=2", f"strategy={strategy}", f"quant={quant}", "peft=lora",
+            f"train.max_steps={STEPS}", f"train.save_steps={save_steps}", f"train.eval_steps={STEPS}",
+            "train.logging_steps=1", "train.max_seq_len=128", "train.lr=2e-3", "train.warmup_ratio=0",
+            f"run_dir={run_dir}"]
+
+
+def command(strategy: str, quant: str, run_dir: Path, save_steps: int = SAVE_STEPS) -> List[str]:
+    return [sys.executable, str(REPO / "train.py"), *overrides(strategy, quant, run_dir, save_steps)]
+
+
+def finished_run(strategy: str, quant: str) -> Path:
+    """Run (once) an uninterrupted 2-process job; returns its run dir. Fails with the job's output."""
+    key = (strategy, quant)
+    if key not in _FINISHED:
+        run_dir = _ROOT / f"{strategy}-{quant}"
+        proc = subprocess.run(command(strategy, quant, run_dir), cwd=REPO, capture_output=True, text=True,
+                              timeout=600, env=dict(os.environ))
+        assert proc.returncode == 0, f"{strategy}/{quant} failed:\n{proc.stderr[-4000:]}"
+        _FINISHED[key] = run_dir
+    return _FINISHED[key]

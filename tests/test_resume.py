@@ -1,0 +1,117 @@
+"""Exact resume: SIGKILL every process of a 2-process run after its first checkpoint, re-run the same
+command with the same run_dir, and it continues from that checkpoint to the same end as an uninterrupted
+run (same number of optimizer steps, same gradients after the resume point, same adapter). Plus checkpoint
+completeness: which checkpoint a run resumes from, and rotation."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.strategy_checks import REPO, STEPS, command, finished_run, metrics
+from trainer import checkpoints
+from trainer.errors import UserError
+
+# The interrupted run saves after every step, so the kill after its first checkpoint (step 1) lands
+# well before the end (step 8, seven saves later) even on a fast machine. Checkpoints do not change what
+# is trained, so the uninterrupted reference (saving every 4) is still step-for-step comparable.
+KILLED_SAVE_STEPS = 1
+
+
+def _kill_after_first_checkpoint(cmd: list, run_dir: Path) -> None:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    marker = run_dir / "checkpoints" / f"checkpoint-{KILLED_SAVE_STEPS}" / checkpoints.COMPLETE_MARKER
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    # Like a node failure: the parent, torchrun's agent and both ranks die at once, no cleanup.
+    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in family:
+        try:
+            os.kill(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    assert not (run_dir / "metrics.json").exists(), "the run finished before the kill landed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_killed_run_resumes_exactly(strategy: str, tmp_path: Path) -> None:
+    reference = metrics(finished_run(strategy, "bnb4"))
+    run_dir = tmp_path / "run"
+    cmd = command(strategy, "bnb4", run_dir, save_steps=KILLED_SAVE_STEPS)
+    _kill_after_first_checkpoint(cmd, run_dir)
+
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    m = metrics(run_dir)
+    killed_at = m["resumed_from_step"]
+    assert KILLED_SAVE_STEPS <= killed_at < STEPS, m.get("resumed_from_step")
+    assert m["steps"] == reference["steps"] == STEPS
+    # Training after the resume point is the uninterrupted run's, step for step: same data order, RNG,
+    # optimizer and scheduler state, so the same gradient norms and learning rates, and in the end the
+    # same adapter weights. (The Trainer's logged *loss* of the first steps after a resume is averaged
+    # differently by transformers, so it is not compared; the gradients it came from are.)
+    after = {e["step"]: (e["grad_norm"], e["learning_rate"]) for e in m["log_history"]
+             if "grad_norm" in e and e["step"] > killed_at}
+    ref = {e["step"]: (e["grad_norm"], e["learning_rate"]) for e in reference["log_history"]
+           if "grad_norm" in e and e["step"] > killed_at}
+    assert after.keys() == ref.keys() and after
+    for step in after:
+        assert after[step] == pytest.approx(ref[step], rel=1e-4), (step, after[step], ref[step])
+    resumed_adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    reference_adapter = load_file(str(finished_run(strategy, "bnb4") / "adapter" / "adapter_model.safetensors"))
+    assert resumed_adapter.keys() == reference_adapter.keys()
+    for key, value in resumed_adapter.items():
+        assert torch.allclose(value, reference_adapter[key], atol=1e-5), key
+
+    # The run is finished now: the same command refuses to overwrite it.
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "finished run" in again.stderr and "Traceback" not in again.stderr
+
+
+def _fake_checkpoint(root: Path, step: int, complete: bool) -> Path:
+    path = root / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "trainer_state.json").write_text("{}")
+    if complete:
+        checkpoints.mark_complete(path, step)
+    return path
+
+
+def test_resume_picks_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    root = checkpoints.checkpoint_dir(str(tmp_path))
+    _fake_checkpoint(root, 4, complete=True)
+    _fake_checkpoint(root, 10, complete=True)
+    torn = _fake_checkpoint(root, 12, complete=False)  # the save a crash interrupted
+    assert checkpoints.resume_path("auto", str(tmp_path)) == str(root / "checkpoint-10")
+    assert not torn.exists()  # discarded so the re-run's save of step 12 starts clean
+    assert checkpoints.resume_path("never", str(tmp_path)) is None
+    assert checkpoints.resume_path(str(root / "checkpoint-4"), str(tmp_path)) == str(root / "checkpoint-4")
+    assert checkpoints.resume_path("auto", str(tmp_path / "elsewhere")) is None
+
+
+def test_resume_refuses_a_missing_or_torn_checkpoint(tmp_path: Path) -> None:
+    torn = _fake_checkpoint(tmp_path, 3, complete=False)
+    with pytest.raises(UserError, match="not a complete"):
+        checkpoints.resume_path(str(torn), str(tmp_path))
+    with pytest.raises(UserError, match="not a directory"):
+        checkpoints.resume_path(str(tmp_path / "nope"), str(tmp_path))
+
+
+def test_rotation_keeps_the_newest_complete_ones(tmp_path: Path) -> None:
+    for step, done in ((2, True), (4, False), (6, True), (8, True)):
+        _fake_checkpoint(tmp_path, step, complete=done)
+    checkpoints.rotate(tmp_path, keep=2)
+    assert [p.name for p in checkpoints.all_checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-8"]

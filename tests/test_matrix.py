@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from tests.conftest import REPO
 from trainer.compose import compose
 from trainer.matrix import cells, render
 from trainer.validate import validate
-from tests.conftest import REPO
 
 
 def test_docs_matrix_is_current() -> None:

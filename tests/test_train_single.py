@@ -31,8 +31,8 @@ def test_default_run_learns_and_leaves_its_outputs(output_root: Path) -> None:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from trainer.tiny import ensure_tiny_model
     from trainer.compose import compose
+    from trainer.tiny import ensure_tiny_model
 
     base = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(compose([]).model.tiny))
     model = PeftModel.from_pretrained(base, run_dir / "adapter")

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tests.conftest import only_run_dir, run_cli
-from tests.wandb_records import records
+from tests.wandb_records import item_key, records
 
 
 def test_wandb_offline_run_holds_config_tags_and_metrics(output_root: Path) -> None:
@@ -20,16 +20,16 @@ def test_wandb_offline_run_holds_config_tags_and_metrics(output_root: Path) -> N
     [run] = [r.run for r in logged if r.HasField("run")]
     assert {"bnb", "lora", "single"} <= set(run.tags)
     updates = list(run.config.update) + [item for r in logged if r.HasField("config") for item in r.config.update]
-    config = {item.key: json.loads(item.value_json) for item in updates}
+    config = {item_key(item): json.loads(item.value_json) for item in updates}
     assert config["quant"]["method"] == "bnb" and config["peft"]["r"] == 16
 
-    history = [{item.key: json.loads(item.value_json) for item in r.history.item}
+    history = [{item_key(item): json.loads(item.value_json) for item in r.history.item}
                for r in logged if r.HasField("history")]
     losses = [h["loss"] for h in history if "loss" in h]
     assert len(losses) >= 4, history  # one per logging step
     assert any("eval_loss" in h for h in history)
 
-    summary = {item.key: json.loads(item.value_json) for r in logged if r.HasField("summary")
+    summary = {item_key(item): json.loads(item.value_json) for r in logged if r.HasField("summary")
                for item in r.summary.update}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert abs(summary["eval_loss"] - metrics["eval_loss"]) < 1e-6

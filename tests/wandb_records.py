@@ -43,3 +43,8 @@ def records(path: Path) -> Iterator[object]:
             record.ParseFromString(pending)
             yield record
             pending = b""
+
+
+def item_key(item: object) -> str:
+    """An update/history item's key: `key`, or `nested_key` parts joined with dots (newer wandb)."""
+    return item.key or ".".join(item.nested_key)  # type: ignore[attr-defined]

@@ -34,8 +34,13 @@ def _run(cfg: Any) -> None:
     from trainer.plan import build_plan
     from trainer.validate import validate
 
-    report = validate(cfg)
     is_child_rank = os.environ.get("QFORGE_CHILD") == "1"
+    if _hydra_multirun_dir() is not None and cfg.launcher.name.value == "slurm" and not is_child_rank:
+        # A -m sweep on Slurm: validate every combination, submit the legal ones as one job array, exit.
+        from launchers.slurm_sweep import submit_sweep_from_hydra
+
+        submit_sweep_from_hydra(cfg)
+    report = validate(cfg)
     if not is_child_rank:
         report.print()
     if not report.ok:

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Tuple
 
+from trainer import speed
 from trainer.errors import UserError
 from trainer.plan import RunPlan
 from trainer.quant import backend_for
@@ -57,9 +58,13 @@ def load_model(cfg: Any, plan: RunPlan, source: str) -> Any:
     }
     if cfg.model.device_map is not None:
         kwargs["device_map"] = "auto"
-    elif plan.device == "cuda" and plan.strategy["name"] not in ("fsdp", "zero3", "zero3_offload"):
-        # Each rank quantizes and keeps its own full copy on its own GPU. Sharded strategies load on
-        # CPU and let FSDP / ZeRO-3 move shards, so no rank ever holds the whole model on its GPU.
+    elif plan.device == "cuda" and (plan.strategy["name"] not in ("fsdp", "zero3", "zero3_offload")
+                                    or method(cfg) != "none"):
+        # Each rank quantizes and keeps its own full copy on its own GPU. Unquantized models under a
+        # sharded strategy load on CPU and let FSDP / ZeRO-3 move shards. Quantized ones (bnb4: the only
+        # backend the rules let shard) quantize on their GPU: FSDP and ZeRO-3 move and shard the packed
+        # weight tensors but never the quant state (absmax, code) that bnb keeps beside them. A rank
+        # briefly holds the whole 4-bit model (~0.56 byte/param) until the strategy shards it.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     backend = backend_for(method(cfg))
     try:
@@ -106,6 +111,7 @@ def load_for_training(cfg: Any, plan: RunPlan) -> Tuple[Any, Any]:
     tokenizer = load_tokenizer(cfg, source)
     model = load_model(cfg, plan, source)
     model = prepare_for_training(model, cfg, quantized=trains_quantized(cfg))
+    model = speed.apply(model, cfg)  # liger kernels and the chunked loss, before the adapter wraps the model
     model = attach(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

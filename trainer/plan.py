@@ -189,7 +189,7 @@ def training_args(cfg: Any, run_dir: str, device: str, dtype: str, strat: Dict[s
         "eval_steps": t.eval_steps,
         "save_strategy": "steps",
         "save_steps": t.save_steps,
-        "save_total_limit": t.save_total_limit,
+        "save_total_limit": None,  # qforge rotates complete checkpoints only (trainer/checkpoints.py)
         "optim": t.optim,
         "seed": cfg.seed,
         "data_seed": cfg.seed,

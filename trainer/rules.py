@@ -28,7 +28,7 @@ class Rule:
     fix: str
     severity: Severity = Severity.error
 
-    def check(self, cfg: Any) -> "Violation | None":
+    def check(self, cfg: Any) -> Violation | None:
         if not self.violated(cfg):
             return None
         return Violation(
@@ -87,12 +87,13 @@ def _value(x: Any) -> str:
 @functools.lru_cache(maxsize=1)
 def all_rules() -> List[Rule]:
     """Every rule of the project, gathered from the modules that own them."""
-    from trainer import adapters_rules, run_rules
+    from trainer import adapters_rules, run_rules, strategies
     from trainer.quant import backends
 
     rules: List[Rule] = []
     rules += run_rules.RULES
     rules += adapters_rules.RULES
+    rules += strategies.RULES
     for backend in backends():
         rules += backend.rules
     ids = [r.id for r in rules]

@@ -9,10 +9,11 @@ import logging
 import os
 import resource
 import time
-from typing import Any, Dict
+from pathlib import Path
+from typing import Any, Dict, Sequence
 
-from trainer import preflight
-from trainer.data import ExampleDataset, PadCollator, load_examples
+from trainer import checkpoints, preemption, preflight, speed, strategies
+from trainer.data import load_examples
 from trainer.model import load_for_training, load_tokenizer, model_source
 from trainer.plan import RunPlan
 from trainer.rundir import resolved_config
@@ -21,7 +22,7 @@ from trainer.tracking import make_wandb_callback, plot_losses, write_metrics
 log = logging.getLogger(__name__)
 
 
-def train(cfg: Any, plan: RunPlan) -> Dict[str, Any]:
+def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
     started = time.monotonic()
     preflight.check(cfg)
 
@@ -35,29 +36,41 @@ def train(cfg: Any, plan: RunPlan) -> Dict[str, Any]:
 
     set_seed(cfg.seed)
     model, tokenizer = load_for_training(cfg, plan)
-    args = TrainingArguments(**plan.training_args)
-    callbacks = []
+    strategies.prepare_process_group(plan)
+    args = TrainingArguments(**strategies.training_arguments(plan))
+    metrics: Dict[str, Any] = {}
+    # Preemption after completeness: it exits in on_save, once the checkpoint is marked complete.
+    callbacks = [checkpoints.completeness_callback(cfg.train.save_total_limit), strategies.memory_callback(metrics),
+                 preemption.preemption_callback(cfg, plan.run_dir), *speed.callbacks(cfg), *extra_callbacks]
     wandb_cb = None
     if cfg.logger.name.value == "wandb":
         wandb_cb = make_wandb_callback(cfg, plan, resolved_config(cfg))
         callbacks.append(wandb_cb)
+    # Packed rows (train.packing) or padded examples; speed.py says why either is the same loss.
+    train_set, eval_set, collator = speed.training_data(cfg, tokenizer, train_examples, eval_examples)
     trainer = Trainer(
         model=model,
         args=args,
-        train_dataset=ExampleDataset(train_examples),
-        eval_dataset=ExampleDataset(eval_examples) if eval_examples else None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=collator,
+        processing_class=tokenizer,  # packed rows have no attention mask: tokens seen = ids != pad
         callbacks=callbacks,
     )
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
-    metrics: Dict[str, Any] = {}
-    if cfg.do_eval:
+    # The Trainer cannot evaluate an FSDP2 or DeepSpeed model before train() has wrapped it together
+    # with its optimizer (accelerate refuses FSDP2; DeepSpeed's inference engine breaks the training one).
+    if cfg.do_eval and plan.strategy["name"] in ("single", "ddp"):
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
     if cfg.do_train:
+        resume_from = checkpoints.resume_path(cfg.train.resume, plan.run_dir)
+        if resume_from:
+            log.info("resuming from %s", resume_from)
+            metrics["resumed_from_step"] = checkpoints.step_of(Path(resume_from))
         train_started = time.monotonic()
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=resume_from)
         train_seconds = time.monotonic() - train_started
         tokens = int(trainer.state.num_input_tokens_seen)
         metrics.update({
@@ -73,6 +86,11 @@ def train(cfg: Any, plan: RunPlan) -> Dict[str, Any]:
     metrics.update(_memory())
     metrics["world_size"] = plan.world_size
     metrics["wall_seconds"] = time.monotonic() - started
+    # Collective saves first: FSDP and ZeRO-3 need every rank to gather the weights.
+    adapter_based = cfg.peft.method.value not in ("full", "freeze")
+    if cfg.do_train:
+        strategies.save_final(trainer, os.path.join(plan.run_dir, "adapter" if adapter_based else "model"))
+        strategies.save_fixed_logits(trainer, tokenizer, os.path.join(plan.run_dir, strategies.FIXED_LOGITS_FILE))
     if trainer.is_world_process_zero():
         _save_outputs(cfg, plan, trainer, tokenizer, metrics)
         if wandb_cb is not None:
@@ -94,8 +112,7 @@ def _save_outputs(cfg: Any, plan: RunPlan, trainer: Any, tokenizer: Any, metrics
     adapter_based = cfg.peft.method.value not in ("full", "freeze")
     target = os.path.join(plan.run_dir, "adapter" if adapter_based else "model")
     if cfg.do_train:
-        trainer.save_model(target)
-        tokenizer.save_pretrained(target)
+        tokenizer.save_pretrained(target)  # the weights were saved by strategies.save_final on every rank
         metrics["saved_to"] = target
     plot = plot_losses(plan.run_dir, trainer.state.log_history,
                        f"{plan.run_name}: {cfg.quant.method.value} {cfg.peft.method.value} {cfg.strategy.name.value}")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from trainer.rules import DISTRIBUTED_STRATEGIES, error, strategy, warning
 
 RULES = [

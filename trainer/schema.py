@@ -117,6 +117,8 @@ class ModelConfig:
     upcast_layernorm: bool = True
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
+    # Liger-kernel RMSNorm/SwiGLU/RoPE kernels. Null: on when CUDA and liger-kernel are available.
+    liger: Optional[bool] = None
 
 
 @dataclass
@@ -182,10 +184,13 @@ class SlurmConfig:
     cpus_per_task: int = 8
     mem: Optional[str] = None
     constraint: Optional[str] = None
-    signal: str = "USR2@120"
-    extra: List[str] = field(default_factory=list)
-    setup: List[str] = field(default_factory=list)
-    strict: bool = False
+    signal: str = "USR2@120"  # sent to the batch script this long before the end; it checkpoints and requeues
+    extra: List[str] = field(default_factory=list)  # more sbatch options, e.g. ["--exclusive", "--reservation=x"]
+    setup: List[str] = field(default_factory=list)  # shell lines run before training (module load, source venv)
+    strict: bool = False  # a sweep with any illegal combination submits nothing
+    wait: bool = False  # block until every job has ended (and exit non-zero if one failed)
+    report_job: bool = True  # after a sweep, a small job writes the sweep report (trainer/report.py)
+    job_name: str = "qforge"
 
 
 @dataclass
@@ -213,6 +218,12 @@ class TrainLoop:
     max_grad_norm: float = 1.0
     max_seq_len: int = 512
     gradient_checkpointing: bool = True
+    # Null: every decoder layer is checkpointed; N: only the first N (memory buys back recompute).
+    checkpoint_layers: Optional[int] = None
+    # Pack short examples into rows of max_seq_len tokens; attention never crosses examples.
+    packing: bool = True
+    # Chunked lm_head + cross-entropy: no full fp32 logits (same loss value).
+    fused_ce: bool = True
     logging_steps: int = 5
     eval_steps: int = 50
     save_steps: int = 50

@@ -28,6 +28,7 @@ def test_missing_data_file(output_root: Path, data_dir: Path) -> None:
     assert result.returncode == 1
     line = error_line(result.stderr)
     assert "nope.jsonl does not exist" in line and "data.path" in line
+    assert not list(output_root.glob("*/*")), "a run refused for bad input leaves no run dir behind"
 
 
 def test_malformed_jsonl_names_file_and_line(output_root: Path, data_dir: Path) -> None:

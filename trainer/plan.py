@@ -18,6 +18,7 @@ from trainer import strategies
 from trainer.env import accelerators
 from trainer.quant import backend_for
 from trainer.rules import method, peft_method, strategy
+from trainer.speed import NO_FUSED_CE_STRATEGIES
 
 
 @dataclass
@@ -105,6 +106,7 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
             "eval_fraction": cfg.data.eval_fraction,
             "max_samples": cfg.data.max_samples,
             "max_seq_len": cfg.train.max_seq_len,
+            "packing": bool(cfg.train.packing),
         },
         training_args=training_args(cfg, run_dir, device, dtype, strat),
         logger={
@@ -139,6 +141,10 @@ def _model_spec(cfg: Any, dtype: str) -> Dict[str, Any]:
         "attn_implementation": cfg.model.attn_implementation,
         "upcast_layernorm": bool(cfg.model.upcast_layernorm),
         "gradient_checkpointing": bool(cfg.train.gradient_checkpointing),
+        "checkpoint_layers": cfg.train.checkpoint_layers if cfg.train.checkpoint_layers is not None else "all",
+        # Skipped where the strategy shards lm_head (its weight is a DTensor / ZeRO partition there).
+        "fused_cross_entropy": bool(cfg.train.fused_ce) and strategy(cfg) not in NO_FUSED_CE_STRATEGIES,
+        "liger": "auto (CUDA and liger-kernel present)" if cfg.model.liger is None else bool(cfg.model.liger),
     }
 
 

@@ -74,7 +74,9 @@ def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[
         train_seconds = time.monotonic() - train_started
         tokens = int(trainer.state.num_input_tokens_seen)
         metrics.update({
-            "train_loss": result.training_loss,
+            # After a resume the Trainer averages only the steps of this attempt; the restored log
+            # history covers the whole run, so a resumed run reports the mean of all logged losses.
+            "train_loss": _whole_run_train_loss(trainer.state.log_history) if resume_from else result.training_loss,
             "steps": trainer.state.global_step,
             "train_tokens": tokens,
             "train_seconds": train_seconds,
@@ -87,9 +89,8 @@ def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[
     metrics["world_size"] = plan.world_size
     metrics["wall_seconds"] = time.monotonic() - started
     # Collective saves first: FSDP and ZeRO-3 need every rank to gather the weights.
-    adapter_based = cfg.peft.method.value not in ("full", "freeze")
     if cfg.do_train:
-        strategies.save_final(trainer, os.path.join(plan.run_dir, "adapter" if adapter_based else "model"))
+        strategies.save_final(trainer, _weights_dir(cfg, plan))
         strategies.save_fixed_logits(trainer, tokenizer, os.path.join(plan.run_dir, strategies.FIXED_LOGITS_FILE))
     if trainer.is_world_process_zero():
         _save_outputs(cfg, plan, trainer, tokenizer, metrics)
@@ -108,9 +109,19 @@ def _memory() -> Dict[str, Any]:
             "peak_memory_kind": "cpu_max_rss"}
 
 
-def _save_outputs(cfg: Any, plan: RunPlan, trainer: Any, tokenizer: Any, metrics: Dict[str, Any]) -> None:
+def _weights_dir(cfg: Any, plan: RunPlan) -> str:
+    """adapter/ for adapter methods; model/ where the base weights themselves were trained."""
     adapter_based = cfg.peft.method.value not in ("full", "freeze")
-    target = os.path.join(plan.run_dir, "adapter" if adapter_based else "model")
+    return os.path.join(plan.run_dir, "adapter" if adapter_based else "model")
+
+
+def _whole_run_train_loss(history: Sequence[Dict[str, Any]]) -> float:
+    losses = [h["loss"] for h in history if "loss" in h]
+    return sum(losses) / len(losses) if losses else float("nan")
+
+
+def _save_outputs(cfg: Any, plan: RunPlan, trainer: Any, tokenizer: Any, metrics: Dict[str, Any]) -> None:
+    target = _weights_dir(cfg, plan)
     if cfg.do_train:
         tokenizer.save_pretrained(target)  # the weights were saved by strategies.save_final on every rank
         metrics["saved_to"] = target

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -31,15 +31,22 @@ def fp8_block_quantize(weight: torch.Tensor, block: Tuple[int, int]) -> Tuple[to
     return quantized.reshape(rows * bo, cols * bi)[:out_f, :in_f].contiguous(), scale_inv
 
 
-def write_fp8_checkpoint(source: Path, target: Path, block: Tuple[int, int] = (64, 64)) -> Path:
-    """Copy a 16/32-bit checkpoint to `target` with every decoder linear weight in block FP8."""
-    from safetensors.torch import load_file, save_file
+def _copy_all_but_weights(source: Path, target: Path) -> Dict[str, torch.Tensor]:
+    """Copy config and tokenizer files of a 16-bit checkpoint; return its tensors to quantize."""
+    from safetensors.torch import load_file
 
     target.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
         if item.name != "model.safetensors" and item.is_file():
             shutil.copy(item, target / item.name)
-    tensors = load_file(str(source / "model.safetensors"))
+    return load_file(str(source / "model.safetensors"))
+
+
+def write_fp8_checkpoint(source: Path, target: Path, block: Tuple[int, int] = (64, 64)) -> Path:
+    """Copy a 16/32-bit checkpoint to `target` with every decoder linear weight in block FP8."""
+    from safetensors.torch import save_file
+
+    tensors = _copy_all_but_weights(source, target)
     out = {}
     for name, tensor in tensors.items():
         if name.startswith("model.layers.") and name.endswith("_proj.weight"):
@@ -96,13 +103,9 @@ def write_aqlm_checkpoint(source: Path, target: Path, num_codebooks: int = 4, nb
 
     Codebooks of 2**nbits != 256 entries keep aqlm on its pure-torch kernel on CPU (256 would need numba).
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
-    target.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():
-        if item.name != "model.safetensors" and item.is_file():
-            shutil.copy(item, target / item.name)
-    tensors = load_file(str(source / "model.safetensors"))
+    tensors = _copy_all_but_weights(source, target)
     out = {}
     for name, tensor in tensors.items():
         if name.startswith("model.layers.") and name.endswith("_proj.weight"):

@@ -126,7 +126,8 @@ def _save_outputs(cfg: Any, plan: RunPlan, trainer: Any, tokenizer: Any, metrics
         tokenizer.save_pretrained(target)  # the weights were saved by strategies.save_final on every rank
         metrics["saved_to"] = target
     plot = plot_losses(plan.run_dir, trainer.state.log_history,
-                       f"{plan.run_name}: {cfg.quant.method.value} {cfg.peft.method.value} {cfg.strategy.name.value}")
+                       f"{plan.run_name}: {cfg.quant.method.value} {cfg.peft.method.value} {cfg.strategy.name.value}",
+                       eval_before=metrics.get("eval_loss_before"))
     if plot:
         metrics["loss_plot"] = str(plot)
     metrics["log_history"] = trainer.state.log_history

@@ -25,8 +25,12 @@ def write_metrics(run_dir: str, metrics: Dict[str, Any]) -> Path:
     return path
 
 
-def plot_losses(run_dir: str, history: List[Dict[str, Any]], title: str) -> Optional[Path]:
-    """Train and eval loss against optimizer step, from the Trainer's log history."""
+def plot_losses(run_dir: str, history: List[Dict[str, Any]], title: str,
+                eval_before: Optional[float] = None) -> Optional[Path]:
+    """Train and eval loss against optimizer step, from the Trainer's log history.
+
+    The eval before training (step 0) is not in the history: train() starts a fresh one.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,6 +38,8 @@ def plot_losses(run_dir: str, history: List[Dict[str, Any]], title: str) -> Opti
 
     train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
     evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    if eval_before is not None and not any(step == 0 for step, _ in evals):
+        evals.insert(0, (0, eval_before))
     if not train and not evals:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))

@@ -11,7 +11,7 @@ from trainer import speed
 from trainer.errors import UserError
 from trainer.plan import RunPlan
 from trainer.quant import backend_for
-from trainer.rules import method
+from trainer.rules import method, shards_weights
 from trainer.tiny import ensure_tiny_model
 
 log = logging.getLogger(__name__)
@@ -52,14 +52,12 @@ def load_model(cfg: Any, plan: RunPlan, source: str) -> Any:
     dtype = getattr(torch, plan.compute_dtype)
     kwargs: Dict[str, Any] = {
         "dtype": dtype,
-        "dtype_name": plan.compute_dtype,
         "trust_remote_code": bool(cfg.model.trust_remote_code),
         "attn_implementation": cfg.model.attn_implementation,
     }
     if cfg.model.device_map is not None:
         kwargs["device_map"] = "auto"
-    elif plan.device == "cuda" and (plan.strategy["name"] not in ("fsdp", "zero3", "zero3_offload")
-                                    or method(cfg) != "none"):
+    elif plan.device == "cuda" and (not shards_weights(cfg) or method(cfg) != "none"):
         # Each rank quantizes and keeps its own full copy on its own GPU. Unquantized models under a
         # sharded strategy load on CPU and let FSDP / ZeRO-3 move shards. Quantized ones (bnb4: the only
         # backend the rules let shard) quantize on their GPU: FSDP and ZeRO-3 move and shard the packed

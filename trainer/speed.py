@@ -12,6 +12,7 @@ import logging
 from typing import Any, List, Sequence, Tuple
 
 from trainer.errors import UserError
+from trainer.rules import SHARDED_STRATEGIES
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +21,7 @@ LIGER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "p
 # ZeRO-3 and FSDP gather a weight only inside its own module's forward; the chunked loss reads
 # lm_head.weight directly, so it would see an empty ZeRO-3 shard or an FSDP2 DTensor ("mixed
 # torch.Tensor and DTensor"). Those strategies keep the stock loss.
-NO_FUSED_CE_STRATEGIES = ("fsdp", "zero3", "zero3_offload")
+NO_FUSED_CE_STRATEGIES = SHARDED_STRATEGIES
 
 
 def training_data(cfg: Any, tokenizer: Any, train_examples: Sequence[Any], eval_examples: Sequence[Any]) -> Tuple:

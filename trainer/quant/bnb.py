@@ -75,13 +75,13 @@ def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    kwargs = quantization_kwargs(cfg, model_kwargs["dtype_name"])
+    dtype_name = str(model_kwargs["dtype"]).removeprefix("torch.")
+    kwargs = quantization_kwargs(cfg, dtype_name)
     for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
         if key in kwargs:
             kwargs[key] = getattr(torch, kwargs[key])
-    load_kwargs = {k: v for k, v in model_kwargs.items() if k != "dtype_name"}
     return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=BitsAndBytesConfig(**kwargs), **load_kwargs
+        path, quantization_config=BitsAndBytesConfig(**kwargs), **model_kwargs
     )
 
 

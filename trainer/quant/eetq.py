@@ -24,10 +24,7 @@ def requirements(cfg: Any) -> List[Requirement]:
 def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
     from transformers import AutoModelForCausalLM, EetqConfig
 
-    load_kwargs = {k: v for k, v in model_kwargs.items() if k != "dtype_name"}
-    return AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=EetqConfig("int8"), **load_kwargs
-    )
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=EetqConfig("int8"), **model_kwargs)
 
 
 BACKEND = Backend(

@@ -64,7 +64,7 @@ def load_and_quantize(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
     from transformers import AutoModelForCausalLM
 
     device = _device(model_kwargs)
-    load_kwargs = {k: v for k, v in model_kwargs.items() if k not in ("dtype_name", "device_map")}
+    load_kwargs = {k: v for k, v in model_kwargs.items() if k != "device_map"}
     model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
     names = quantize_model(model, int(cfg.quant.bits), int(cfg.quant.group_size), model_kwargs["dtype"], device)
     mark_linear_targets(model)  # HQQLinear is not an nn.Linear, so peft's "all-linear" misses it

@@ -10,8 +10,7 @@ from trainer.quant import Backend
 def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
     from transformers import AutoModelForCausalLM
 
-    load_kwargs = {k: v for k, v in model_kwargs.items() if k != "dtype_name"}
-    return AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
 
 
 BACKEND = Backend(

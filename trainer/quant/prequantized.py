@@ -53,7 +53,7 @@ def load_prequantized(path: str, model_kwargs: Dict[str, Any], **quant_overrides
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.quantizers.auto import AutoQuantizationConfig
 
-    load_kwargs = {k: v for k, v in model_kwargs.items() if k != "dtype_name"}
+    load_kwargs = dict(model_kwargs)
     if quant_overrides:
         config = AutoConfig.from_pretrained(path, trust_remote_code=load_kwargs.get("trust_remote_code", False))
         quant_config = getattr(config, "quantization_config", None) or {}

@@ -16,9 +16,8 @@ def _load(path: str, model_kwargs: Dict[str, Any], config_class: str) -> Any:
     import transformers
     from transformers import AutoModelForCausalLM
 
-    load_kwargs = {k: v for k, v in model_kwargs.items() if k != "dtype_name"}
     quant_config = getattr(transformers, config_class)(dequantize=True)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant_config, **load_kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant_config, **model_kwargs)
 
 
 def load_fp8(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:

@@ -111,6 +111,7 @@ def load_for_training(cfg: Any, plan: RunPlan) -> Tuple[Any, Any]:
     model = prepare_for_training(model, cfg, quantized=trains_quantized(cfg))
     model = speed.apply(model, cfg)  # liger kernels and the chunked loss, before the adapter wraps the model
     model = attach(model, cfg)
+    model = speed.apply_to_adapter(model, cfg)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)

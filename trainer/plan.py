@@ -18,7 +18,7 @@ from trainer import strategies
 from trainer.env import accelerators
 from trainer.quant import backend_for
 from trainer.rules import method, peft_method, strategy
-from trainer.speed import NO_FUSED_CE_STRATEGIES
+from trainer.speed import NO_FUSED_CE_STRATEGIES, NO_FUSED_LORA_STRATEGIES
 
 
 @dataclass
@@ -144,6 +144,7 @@ def _model_spec(cfg: Any, dtype: str) -> Dict[str, Any]:
         "checkpoint_layers": cfg.train.checkpoint_layers if cfg.train.checkpoint_layers is not None else "all",
         # Skipped where the strategy shards lm_head (its weight is a DTensor / ZeRO partition there).
         "fused_cross_entropy": bool(cfg.train.fused_ce) and strategy(cfg) not in NO_FUSED_CE_STRATEGIES,
+        "fused_lora": bool(cfg.train.fused_lora) and strategy(cfg) not in NO_FUSED_LORA_STRATEGIES,
         "liger": "auto (CUDA and liger-kernel present)" if cfg.model.liger is None else bool(cfg.model.liger),
     }
 

@@ -22,6 +22,9 @@ LIGER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "p
 # lm_head.weight directly, so it would see an empty ZeRO-3 shard or an FSDP2 DTensor ("mixed
 # torch.Tensor and DTensor"). Those strategies keep the stock loss.
 NO_FUSED_CE_STRATEGIES = SHARDED_STRATEGIES
+# The fused LoRA branch reads lora_A/lora_B weights inside the LoRA layer's forward without calling
+# those submodules, so ZeRO-3's per-module gather hooks would never fire. FSDP2 gathers per decoder layer.
+NO_FUSED_LORA_STRATEGIES = ("zero3", "zero3_offload")
 
 
 def training_data(cfg: Any, tokenizer: Any, train_examples: Sequence[Any], eval_examples: Sequence[Any]) -> Tuple:
@@ -80,6 +83,21 @@ def apply(model: Any, cfg: Any) -> Any:
     if cfg.train.fused_ce and cfg.strategy.name.value not in NO_FUSED_CE_STRATEGIES:
         if fused_loss.install(model, use_liger=liger):
             log.info("loss: chunked linear cross-entropy (%s), no full fp32 logits", "liger" if liger else "torch")
+    return model
+
+
+def uses_fused_lora(cfg: Any) -> bool:
+    return bool(cfg.train.fused_lora) and cfg.strategy.name.value not in NO_FUSED_LORA_STRATEGIES
+
+
+def apply_to_adapter(model: Any, cfg: Any) -> Any:
+    """After peft has wrapped the model: route vanilla LoRA layers through the fused branch (lora_fused.py)."""
+    if uses_fused_lora(cfg):
+        from trainer import lora_fused
+
+        switched = lora_fused.install(model)
+        if switched:
+            log.info("LoRA: fused branch on %d layers (dropout mask replayed in backward, not stored)", switched)
     return model
 
 

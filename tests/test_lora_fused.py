@@ -1,0 +1,203 @@
+"""The fused LoRA branch gives peft's output and gradients, with the dropout mask replayed, not stored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from trainer import lora_fused
+from trainer.lora_fused import LoraBranch, _keep_mask
+
+
+def _lora_layer(p: float, use_dora: bool = False, seed: int = 0) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    base = torch.nn.Sequential()
+    base.add_module("proj", torch.nn.Linear(64, 48))
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=p, target_modules=["proj"],
+                                            use_dora=use_dora))
+    layer = model.base_model.model.proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight)  # peft starts B at zero; make the branch count
+    return model
+
+
+def _grads(model: torch.nn.Module, x: torch.Tensor, between=None) -> tuple:
+    x = x.clone().requires_grad_(True)
+    layer = model.base_model.model.proj
+    out = model(x)
+    if between is not None:
+        between()
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    grads = (out.detach(), x.grad, layer.lora_A["default"].weight.grad.clone(),
+             layer.lora_B["default"].weight.grad.clone())
+    model.zero_grad()
+    return grads
+
+
+def _close(a: tuple, b: tuple, tol: float = 1e-5) -> None:
+    for left, right in zip(a, b, strict=True):
+        torch.testing.assert_close(left, right, rtol=tol, atol=tol)
+
+
+def test_without_dropout_fused_equals_peft() -> None:
+    x = torch.randn(2, 5, 64)
+    peft_model = _lora_layer(0.0)
+    expected = _grads(peft_model, x)
+    assert lora_fused.install(peft_model) == 1
+    _close(_grads(peft_model, x), expected)
+
+
+def test_dropout_mask_replayed_in_backward_even_after_the_rng_moved() -> None:
+    p = 0.3
+    x = torch.randn(3, 7, 64)
+    model = _lora_layer(p)
+    layer = model.base_model.model.proj
+    lora_fused.install(model)
+    model.train()
+    torch.manual_seed(11)
+    # Anything drawing random numbers between forward and backward (other dropouts, checkpoint replays).
+    fused = _grads(model, x, between=lambda: torch.rand(1000))
+
+    # Reference: plain autograd with the mask the fused forward drew (same RNG state, same draw).
+    torch.manual_seed(11)
+    mask = _keep_mask(x, p)
+    xr = x.clone().requires_grad_(True)
+    a = layer.lora_A["default"].weight.detach().clone().requires_grad_(True)
+    b = layer.lora_B["default"].weight.detach().clone().requires_grad_(True)
+    out = layer.base_layer(xr) + ((xr * mask / (1 - p)) @ a.t() @ b.t()) * layer.scaling["default"]
+    (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+    _close(fused, (out.detach(), xr.grad, a.grad, b.grad))
+    # The mask is a real dropout mask: about p of the inputs dropped.
+    assert abs(float(_keep_mask(torch.empty(200_000), p).mean()) - (1 - p)) < 0.01
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_replays_the_same_mask(reentrant: bool) -> None:
+    x = torch.randn(2, 9, 64)
+    model = _lora_layer(0.25)
+    lora_fused.install(model)
+    model.train()
+    torch.manual_seed(3)
+    plain = _grads(model, x)
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.base_model = inner.base_model
+            self.inner = inner
+
+        def forward(self, inp: torch.Tensor) -> torch.Tensor:
+            return checkpoint(self.inner, inp, use_reentrant=reentrant)
+
+    torch.manual_seed(3)
+    _close(_grads(Checkpointed(model), x, between=lambda: torch.rand(10)), plain)
+
+
+def test_eval_mode_and_dora_run_the_peft_path_unchanged() -> None:
+    x = torch.randn(2, 4, 64)
+    dora = _lora_layer(0.1, use_dora=True)
+    dora.eval()
+    expected = dora(x)
+    assert lora_fused.install(dora) == 1
+    torch.testing.assert_close(dora(x), expected)  # DoRA is a lora_variant: peft's forward runs
+
+    model = _lora_layer(0.5)
+    model.eval()
+    expected = model(x)
+    lora_fused.install(model)
+    torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)  # no dropout in eval
+
+
+def test_fused_layer_under_autocast_returns_compute_dtype_and_fp32_weight_grads() -> None:
+    model = _lora_layer(0.1)
+    lora_fused.install(model)
+    layer = model.base_model.model.proj
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert layer.lora_A["default"].weight.grad.dtype == torch.float32
+    assert x.grad.dtype == torch.float32 and torch.isfinite(x.grad).all()
+
+
+def test_fused_branch_function_saves_no_dropped_copy_of_the_input() -> None:
+    """What backward keeps: the input (shared with the base layer), the weights and the N x r activations."""
+    x = torch.randn(4, 32, 64, requires_grad=True)
+    result = torch.randn(4, 32, 48, requires_grad=True)
+    a = torch.randn(8, 64, requires_grad=True)
+    b = torch.randn(48, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        LoraBranch.apply(result, x, a, b, 0.2, 2.0)
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert len(big) == 1 and big[0].data_ptr() == x.data_ptr()
+
+
+def test_bnb4_model_fused_matches_peft(tmp_path) -> None:
+    """A real bnb 4-bit tiny Llama with LoRA on every linear layer: same loss and adapter grads, p = 0."""
+    pytest.importorskip("bitsandbytes")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from trainer.schema import TinyArch
+    from trainer.tiny import ensure_tiny_model
+
+    source = ensure_tiny_model(TinyArch())
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+    def run(fused: bool) -> tuple:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, dtype=torch.float32)
+        model.config.use_cache = False
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear"))
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        if fused:
+            assert lora_fused.install(model) == 7 * model.config.num_hidden_layers
+        ids = torch.randint(4, 500, (2, 24), generator=torch.Generator().manual_seed(1))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach(), grads
+
+    loss_peft, grads_peft = run(False)
+    loss_fused, grads_fused = run(True)
+    torch.testing.assert_close(loss_fused, loss_peft, rtol=1e-5, atol=1e-5)
+    assert grads_fused.keys() == grads_peft.keys() and len(grads_peft) > 0
+    for name in grads_peft:
+        torch.testing.assert_close(grads_fused[name], grads_peft[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_mask_replayed_and_memory_saved() -> None:
+    """On CUDA (its own RNG state path) in bf16: grads match plain autograd with the same mask, and the
+    branch keeps no dropped copy of the input between forward and backward."""
+    p, dev = 0.05, torch.device("cuda")
+    x = torch.randn(4, 512, 1024, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    result = torch.randn(4, 512, 2048, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    a = (torch.randn(16, 1024, device=dev) * 0.02).requires_grad_(True)
+    b = (torch.randn(2048, 16, device=dev) * 0.02).requires_grad_(True)
+    weights = torch.linspace(-1, 1, 2048, device=dev, dtype=torch.bfloat16)
+
+    torch.cuda.manual_seed(5)
+    before = torch.cuda.memory_allocated()
+    out = LoraBranch.apply(result, x, a, b, p, 2.0)
+    kept = torch.cuda.memory_allocated() - before - out.numel() * out.element_size()
+    torch.rand(4096, device=dev)  # the RNG moves on before backward
+    (out * weights).sum().backward()
+    fused = (out.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
+    # Kept: the N x r activations only (x is the caller's); a dropped copy alone would be x's size.
+    assert kept < x.numel() * x.element_size() // 4
+
+    torch.cuda.manual_seed(5)
+    mask = _keep_mask(x.detach(), p)
+    for t in (x, a, b):
+        t.grad = None
+    ref = result + ((x * mask / (1 - p)) @ a.to(torch.bfloat16).t() @ b.to(torch.bfloat16).t()) * 2.0
+    (ref * weights).sum().backward()
+    for left, right in zip(fused, (ref.detach(), x.grad, a.grad, b.grad), strict=True):
+        torch.testing.assert_close(left.float(), right.float(), rtol=2e-2, atol=2e-2)

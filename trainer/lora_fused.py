@@ -7,11 +7,14 @@ On a Llama-3-8B layer at 8k tokens the copies are ~0.9 GiB, which is what decide
 skip activation checkpointing.
 
 Here, instead:
-- the dropout mask is drawn from the RNG into a fresh tensor, and drawn again in backward from the same
-  RNG state (the way activation checkpointing replays dropout), so only the input x is kept, which q/k/v
-  and gate/up share and which the layer keeps anyway;
-- the 1/(1-p) dropout scale and the LoRA scaling are applied to the rank-r activations (N x r), not to
-  the full-width input or output;
+- the dropout mask is never stored. On CUDA it is drawn from (seed, element index) inside the three
+  rank-r products (lora_kernels.py), so it is not even materialised; elsewhere it is drawn into a fresh
+  tensor and drawn again in backward from the saved RNG state (as activation checkpointing replays
+  dropout). Only the input x is kept, which q/k/v and gate/up share;
+- when x is a cheap function of tensors autograd keeps anyway (a norm's output: its input is kept by the
+  norm; the SwiGLU product: gate and up are kept by the activation), even x is not kept: backward
+  recomputes it (`remember` / `Recompute` below);
+- the 1/(1-p) dropout scale and the LoRA scaling are applied to the rank-r activations (N x r);
 - the base result is added inside the second GEMM (addmm), so no clone and no separate add.
 
 Only vanilla LoRA on peft's Linear / bnb / HQQ layers with one active adapter and no LoRA bias takes this
@@ -21,13 +24,65 @@ ZeRO-3 gathers a weight only inside its own module's forward, so it keeps peft's
 
 from __future__ import annotations
 
+import os
 import types
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
 # peft's LoRA layer classes whose forward is `base_layer(x) + lora_B(lora_A(dropout(x))) * scaling`.
 FUSABLE_CLASSES = ("Linear", "Linear4bit", "Linear8bitLt", "HqqLoraLinear")
+# MLPs whose forward is exactly down_proj(act_fn(gate_proj(x)) * up_proj(x)).
+GATED_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP")
+
+
+class Recompute:
+    """How to make a tensor again, in backward, from tensors autograd keeps anyway.
+
+    Attached to a tensor by `remember` (with its inputs); a LoraBranch that would save that tensor saves
+    the inputs instead, through save_for_backward, so activation checkpointing still sees and drops
+    them. Several branches share one input (q/k/v, gate/up): the first backward recomputes, the others
+    reuse the value, and the last one drops it.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], like: torch.Tensor):
+        self.fn = fn
+        self.shape, self.dtype = like.shape, like.dtype
+        self.autocast = (like.device.type, torch.is_autocast_enabled(like.device.type),
+                         torch.get_autocast_dtype(like.device.type))
+        self.users = 0
+        self.value: Optional[torch.Tensor] = None
+
+    def get(self, inputs: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+        if self.value is None:
+            device_type, enabled, dtype = self.autocast
+            global _RECOMPUTING
+            _RECOMPUTING = True
+            try:
+                with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                    value = self.fn(*inputs)
+            finally:
+                _RECOMPUTING = False
+            if value.shape != self.shape or value.dtype != self.dtype:
+                raise RuntimeError(f"recomputed activation is {value.dtype}{tuple(value.shape)}, "
+                                   f"forward had {self.dtype}{tuple(self.shape)}")
+            self.value = value
+        return self.value
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users <= 0:
+            self.value = None
+
+
+_RECOMPUTING = False
+
+
+def remember(output: torch.Tensor, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
+    """Mark `output` as `fn(*inputs)`, so LoRA branches consuming it keep the recipe, not the tensor."""
+    if not _RECOMPUTING and torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+        output._qforge_recompute = (Recompute(fn, output), inputs)
+    return output
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -56,8 +111,25 @@ def _replay_mask(like: torch.Tensor, p: float, state: torch.Tensor) -> torch.Ten
         return _keep_mask(like, p)
 
 
+# On CUDA the fused branch pays when a call carries enough GPU work to hide its launch cost: with less
+# (small models or few tokens per step) training is CPU-bound, and peft's forward, which launches fewer
+# kernels from Python, is faster. Measured on an H200 (bench/RESULTS.md): Llama-3-8B at 8k tokens per
+# step (8192 x 4096 = 2**25) gains, Llama-3.2-1B at 8k tokens (8192 x 2048) loses. Override to experiment.
+CUDA_MIN_TOKENS_X_HIDDEN = int(os.environ.get("QFORGE_FUSED_LORA_MIN_WORK", 2**25))
+
+
+def _use_kernels(x: torch.Tensor, rank: int) -> bool:
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or x.numel() >= 2**31:
+        return False
+    try:
+        from trainer import lora_kernels  # noqa: F401  (Triton ships with CUDA builds of torch)
+    except ImportError:
+        return False
+    return True
+
+
 class LoraBranch(torch.autograd.Function):
-    """result + (dropout(x) @ A^T) @ B^T * scaling, keeping only x, the RNG state and the N x r activations."""
+    """result + (dropout(x) @ A^T) @ B^T * scaling, keeping x (or its recipe), a seed and the N x r activations."""
 
     @staticmethod
     def forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
@@ -71,44 +143,84 @@ class LoraBranch(torch.autograd.Function):
                  p: float, scaling: float) -> torch.Tensor:
         dtype = result.dtype
         xc = x.to(dtype)
-        a, b = weight_a.to(dtype), weight_b.to(dtype)
-        state: Optional[torch.Tensor] = None
-        if p > 0.0:
-            state = _rng_state(x.device)
-            dropped = xc * _keep_mask(xc, p)
+        x2d = xc.reshape(-1, xc.shape[-1])
+        rank = weight_a.shape[0]
+        ctx.kernels = _use_kernels(x2d, rank) and x2d.is_contiguous()
+        ctx.p, ctx.scale, ctx.x_dtype, ctx.x_shape = p, scaling / (1.0 - p), x.dtype, xc.shape
+        ctx.seed = ctx.state = None
+        if ctx.kernels:
+            from trainer import lora_kernels
+
+            # Drawn from the CPU generator, whose state activation checkpointing restores for its replay.
+            ctx.seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0.0 else 0
+            ctx.scale = scaling / (1.0 - lora_kernels.effective_p(p))  # the p the 16-bit draws apply
+            a = _pad_rows(weight_a.to(dtype), lora_kernels.padded_rank(rank))
+            # dropout's 1/(1-p) and the LoRA scaling, both on the rank-r side
+            hidden = lora_kernels.masked_xa(x2d, a, ctx.seed, p)[:, :rank].mul(ctx.scale).to(dtype)
         else:
-            dropped = xc
-        # dropout's 1/(1-p) and the LoRA scaling, both on the rank-r activations.
-        hidden = (dropped.reshape(-1, dropped.shape[-1]) @ a.t()).mul_(scaling / (1.0 - p))
-        del dropped
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t())
-        ctx.save_for_backward(xc, weight_a, weight_b, hidden)
-        ctx.p, ctx.state, ctx.scale = p, state, scaling / (1.0 - p)
-        ctx.x_dtype = x.dtype
+            if p > 0.0:
+                ctx.state = _rng_state(x.device)
+                x2d = x2d * _keep_mask(x2d, p)
+            hidden = (x2d @ weight_a.to(dtype).t()).mul_(ctx.scale)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, weight_b.to(dtype).t())
+        recipe, inputs = getattr(x, "_qforge_recompute", (None, ())) if xc is x else (None, ())
+        ctx.recipe = recipe
+        if recipe is not None:
+            recipe.users += 1
+            ctx.save_for_backward(weight_a, weight_b, hidden, *inputs)
+        else:
+            ctx.save_for_backward(weight_a, weight_b, hidden, xc)
         return out.view(result.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        xc, weight_a, weight_b, hidden = ctx.saved_tensors
-        dtype = hidden.dtype
-        a, b = weight_a.to(dtype), weight_b.to(dtype)
+        weight_a, weight_b, hidden, *kept = ctx.saved_tensors
+        xc = ctx.recipe.get(tuple(kept)) if ctx.recipe is not None else kept[0]
+        dtype, rank = hidden.dtype, weight_a.shape[0]
+        x2d = xc.reshape(-1, xc.shape[-1])
         grad2d = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        mask = _replay_mask(xc, ctx.p, ctx.state) if ctx.p > 0.0 else None
-        grad_hidden = (grad2d @ b).mul_(ctx.scale)  # N x r
+        grad_hidden = (grad2d @ weight_b.to(dtype)).mul_(ctx.scale)  # N x r
         grad_a = grad_b = grad_x = None
         if ctx.needs_input_grad[3]:
             grad_b = (grad2d.t() @ hidden).to(weight_b.dtype)
-        if ctx.needs_input_grad[2]:
-            dropped = xc * mask if mask is not None else xc
-            grad_a = (grad_hidden.t() @ dropped.reshape(-1, xc.shape[-1])).to(weight_a.dtype)
-            del dropped
-        if ctx.needs_input_grad[1]:
-            grad_x = (grad_hidden @ a).view(xc.shape)
-            if mask is not None:
-                grad_x.mul_(mask)
+        if ctx.kernels:
+            from trainer import lora_kernels
+
+            padded = lora_kernels.padded_rank(rank)
+            grad_hidden = _pad_cols(grad_hidden, padded)
+            if ctx.needs_input_grad[2]:
+                grad_a = lora_kernels.masked_dha(grad_hidden, x2d, ctx.seed, ctx.p)[:rank].to(weight_a.dtype)
+            if ctx.needs_input_grad[1]:
+                a = _pad_rows(weight_a.to(dtype), padded)
+                grad_x = lora_kernels.masked_dx(grad_hidden, a, ctx.seed, ctx.p).view(ctx.x_shape)
+        else:
+            mask = _replay_mask(x2d, ctx.p, ctx.state) if ctx.p > 0.0 else None
+            if ctx.needs_input_grad[2]:
+                dropped = x2d * mask if mask is not None else x2d
+                grad_a = (grad_hidden.t() @ dropped).to(weight_a.dtype)
+                del dropped
+            if ctx.needs_input_grad[1]:
+                grad_x = grad_hidden @ weight_a.to(dtype)
+                if mask is not None:
+                    grad_x.mul_(mask)
+                grad_x = grad_x.view(ctx.x_shape)
+        if ctx.recipe is not None:
+            ctx.recipe.release()
+            ctx.recipe = None
+        if grad_x is not None:
             grad_x = grad_x.to(ctx.x_dtype)
         grad_result = grad if ctx.needs_input_grad[0] else None
         return grad_result, grad_x, grad_a, grad_b, None, None
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    t = t.contiguous()
+    return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])])
+
+
+def _pad_cols(t: torch.Tensor, cols: int) -> torch.Tensor:
+    t = t.contiguous()
+    return t if t.shape[1] == cols else torch.cat([t, t.new_zeros(t.shape[0], cols - t.shape[1])], dim=1)
 
 
 def _fusable(layer: Any, kwargs: dict) -> Optional[str]:
@@ -128,10 +240,10 @@ def _fusable(layer: Any, kwargs: dict) -> Optional[str]:
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     name = _fusable(self, kwargs)
-    if name is None:
+    small = x.is_cuda and (x.numel() // max(1, x.shape[-1])) * self._qforge_hidden < CUDA_MIN_TOKENS_X_HIDDEN
+    if name is None or small:
         return self._qforge_peft_forward(x, *args, **kwargs)
-    for key in ("alora_offsets",):  # variant-only keyword arguments peft strips before the base layer
-        kwargs.pop(key, None)
+    kwargs.pop("alora_offsets", None)  # a variant-only keyword peft strips before the base layer
     result = self.base_layer(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
@@ -139,10 +251,62 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
                             float(self.scaling[name]))
 
 
+def _remember_norm_output(module: Any, args: Any, output: Any) -> None:
+    if args and isinstance(args[0], torch.Tensor):
+        remember(output, module, args[0])
+
+
+def _gated_mlp_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
+    gate = self.gate_proj(x)
+    up = self.up_proj(x)
+    product = remember(self._qforge_act_mul(gate, up), self._qforge_act_mul, gate, up)
+    return self.down_proj(product)
+
+
+def _act_mul_for(mlp: Any) -> Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The MLP's own act(gate) * up (liger's SwiGLU kernel when liger patched it), or None if unknown."""
+    bound = mlp.__dict__.get("forward")
+    if bound is not None:
+        try:
+            from liger_kernel.transformers.swiglu import LigerSwiGLUMLP, _swiglu_dispatch
+        except ImportError:
+            return None
+        return _swiglu_dispatch if getattr(bound, "__func__", None) is LigerSwiGLUMLP.forward else None
+    if type(mlp).__name__ in GATED_MLP_CLASSES and hasattr(mlp, "act_fn"):
+        return lambda gate, up: mlp.act_fn(gate) * up
+    return None
+
+
+def _install_recompute(model: Any) -> int:
+    """Let fused branches recompute norm outputs and the gated-MLP product instead of keeping them."""
+    marked = 0
+    for module in model.modules():
+        if not type(module).__name__.endswith("DecoderLayer"):
+            continue
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            norm = getattr(module, name, None)
+            if norm is not None and not getattr(norm, "_qforge_remembers", False):
+                norm.register_forward_hook(_remember_norm_output)
+                norm._qforge_remembers = True
+                marked += 1
+        mlp = getattr(module, "mlp", None)
+        down = getattr(mlp, "down_proj", None)
+        if mlp is None or not hasattr(down, "_qforge_peft_forward") or hasattr(mlp, "_qforge_act_mul"):
+            continue
+        act_mul = _act_mul_for(mlp)
+        if act_mul is not None:
+            mlp._qforge_act_mul = act_mul
+            mlp.forward = types.MethodType(_gated_mlp_forward, mlp)
+            marked += 1
+    return marked
+
+
 def install(model: Any) -> int:
     """Route every fusable peft LoRA layer through LoraBranch; returns how many layers were switched."""
     from peft.tuners.lora import LoraLayer
 
+    config = getattr(model, "config", None)
+    hidden = int(getattr(config, "hidden_size", 0) or 0) or 2**31  # unknown: never "small"
     switched = 0
     for module in model.modules():
         if not isinstance(module, LoraLayer) or type(module).__name__ not in FUSABLE_CLASSES:
@@ -152,6 +316,9 @@ def install(model: Any) -> int:
         if hasattr(module, "_qforge_peft_forward"):
             continue
         module._qforge_peft_forward = module.forward
+        module._qforge_hidden = hidden
         module.forward = types.MethodType(_fused_forward, module)
         switched += 1
+    if switched:
+        _install_recompute(model)
     return switched

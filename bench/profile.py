@@ -1,0 +1,121 @@
+"""Where a qforge training step spends GPU time and what it keeps for backward.
+
+    python -m bench.profile --item a [OVERRIDE ...]     # on the GPU machine (bash bench/device.sh-style env)
+
+Runs qforge on a bench work item (same checkpoint and data as bench.run), profiles one step after
+warm-up with torch.profiler (top kernels by CUDA time), and on another step records every tensor
+autograd saves for backward (by shape and dtype, each storage counted once), which is what decides
+how many layers fit without activation checkpointing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+from bench.run import ITEMS
+from bench.side import qforge_overrides
+from bench.workload import build_checkpoint, write_data
+
+
+class StepProbe:
+    """A Trainer callback: profile step `profile_at`, record saved tensors on step `saved_at`."""
+
+    def __init__(self, profile_at: int, saved_at: int, rows: int) -> None:
+        self.profile_at, self.saved_at, self.rows = profile_at, saved_at, rows
+        self.profiler: Any = None
+        self.hooks: Any = None
+        self.saved: Dict[int, tuple] = {}
+
+    def _pack(self, tensor: Any) -> Any:
+        storage = tensor.untyped_storage()
+        self.saved.setdefault(storage.data_ptr(), (tuple(tensor.shape), str(tensor.dtype), storage.nbytes()))
+        return tensor
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        probe = self
+
+        class _Callback(TrainerCallback):
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                probe.begin(state.global_step)
+
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                probe.end(state.global_step)
+
+        return _Callback()
+
+    def begin(self, step: int) -> None:
+        import torch
+
+        if step == self.profile_at:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+        if step == self.saved_at:
+            self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+            self.hooks.__enter__()
+
+    def end(self, step: int) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if self.profiler is not None and step == self.profile_at + 1:
+            self.profiler.__exit__(None, None, None)
+            order = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+            print(self.profiler.key_averages().table(sort_by=order, row_limit=self.rows), flush=True)
+            self.profiler = None
+        if self.hooks is not None and step == self.saved_at + 1:
+            self.hooks.__exit__(None, None, None)
+            self.hooks = None
+            self.report_saved()
+
+    def report_saved(self) -> None:
+        groups: Dict[tuple, List[int]] = collections.defaultdict(list)
+        for shape, dtype, nbytes in self.saved.values():
+            groups[(shape, dtype)].append(nbytes)
+        total = sum(sum(v) for v in groups.values())
+        print(f"saved for backward: {total / 2**30:.2f} GiB in {len(self.saved)} storages", flush=True)
+        ranked = sorted(groups.items(), key=lambda kv: -sum(kv[1]))
+        for (shape, dtype), sizes in ranked[: self.rows]:
+            print(f"  {sum(sizes) / 2**30:7.3f} GiB  {len(sizes):4d} x {shape} {dtype}", flush=True)
+
+
+def main(argv: List[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--item", default="a", choices=sorted(ITEMS))
+    parser.add_argument("--workdir", default="/dev/shm/qforge-bench")
+    parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("overrides", nargs="*", help="qforge overrides, e.g. train.checkpoint_layers=0")
+    args = parser.parse_args(argv)
+    from trainer import run as qforge_run
+    from trainer.compose import compose
+    from trainer.entry import configure_logging
+    from trainer.plan import build_plan
+
+    configure_logging()
+    spec = ITEMS[args.item]
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = build_checkpoint(spec["shape"], workdir)
+    data = write_data(workdir / f"data-{args.item}.jsonl", spec["kind"], 64 if spec["kind"] == "fixed" else 2000,
+                      spec["max_len"])
+    job = {"checkpoint": str(checkpoint), "warmup": 3, "steps": 3, "workdir": str(workdir)}
+    item = {"data": str(data), "max_len": spec["max_len"], "batch": spec["batch"]}
+    cfg = compose(qforge_overrides(job, item, list(args.overrides)))
+    probe = StepProbe(profile_at=3, saved_at=5, rows=args.rows)
+    qforge_run.train(cfg, build_plan(cfg), extra_callbacks=[probe.callback()])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.getcwd())
+    raise SystemExit(main())

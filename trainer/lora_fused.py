@@ -118,6 +118,11 @@ def _replay_mask(like: torch.Tensor, p: float, state: torch.Tensor) -> torch.Ten
 CUDA_MIN_TOKENS_X_HIDDEN = int(os.environ.get("QFORGE_FUSED_LORA_MIN_WORK", 2**25))
 
 
+def pays_on_cuda(hidden_size: int, tokens_per_step: int) -> bool:
+    """Whether a training step carries enough work per LoRA call for the fused branch (see above)."""
+    return hidden_size * tokens_per_step >= CUDA_MIN_TOKENS_X_HIDDEN
+
+
 def _use_kernels(x: torch.Tensor, rank: int) -> bool:
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or x.numel() >= 2**31:
         return False

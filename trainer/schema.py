@@ -224,7 +224,8 @@ class TrainLoop:
     packing: bool = True
     # Chunked lm_head + cross-entropy: no full fp32 logits (same loss value).
     fused_ce: bool = True
-    # LoRA branch as one autograd function: dropout mask replayed in backward instead of stored (same result).
+    # LoRA branch as one autograd function: dropout mask redrawn in backward, not stored; norm outputs and
+    # the SwiGLU product recomputed (same result, less memory). On CUDA only where a step has enough work.
     fused_lora: bool = True
     logging_steps: int = 5
     eval_steps: int = 50

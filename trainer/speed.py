@@ -95,6 +95,13 @@ def apply_to_adapter(model: Any, cfg: Any) -> Any:
     if uses_fused_lora(cfg):
         from trainer import lora_fused
 
+        hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
+        tokens = int(cfg.train.batch_size) * int(cfg.train.max_seq_len)
+        on_cuda = next((p.is_cuda for p in model.parameters()), False)
+        if on_cuda and hidden and not lora_fused.pays_on_cuda(hidden, tokens):
+            log.info("LoRA: peft's forward (%d tokens x hidden %d per step is too little work for the fused "
+                     "branch to pay on CUDA)", tokens, hidden)
+            return model
         switched = lora_fused.install(model)
         if switched:
             log.info("LoRA: fused branch on %d layers (dropout mask replayed in backward, not stored)", switched)

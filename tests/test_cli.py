@@ -83,3 +83,12 @@ def test_experiment_overlay_changes_only_what_it_says(output_root: Path) -> None
     assert plan["training_args"]["max_steps"] == 30
     assert plan["quant"]["method"] == "bnb"
     assert plan["training_args"]["per_device_train_batch_size"] == 4  # untouched default
+
+
+def test_every_experiment_preset_composes_and_validates(output_root: Path) -> None:
+    """Each shipped preset is a legal composition (dry run: no model is loaded)."""
+    presets = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+    assert "llama3_8b_qlora_1gpu" in presets
+    for preset in presets:
+        result = run_cli(f"experiment={preset}", "dry_run=true", f"output_root={output_root}")
+        assert result.returncode == 0, (preset, result.stdout, result.stderr)

@@ -80,7 +80,8 @@ def overrides(strategy: str, quant: str, run_dir: Path, save_steps: int = SAVE_S
     return ["launcher=torchrun", "launcher.nproc_per_node=2", f"strategy={strategy}", f"quant={quant}", "peft=lora",
             f"train.max_steps={STEPS}", f"train.save_steps={save_steps}", f"train.eval_steps={STEPS}",
             "train.logging_steps=1", "train.max_seq_len=128", "train.lr=2e-3", "train.warmup_ratio=0",
-            f"run_dir={run_dir}"]
+            # The fused LoRA branch (auto would skip it on this tiny model) wherever the strategy allows it.
+            f"train.fused_lora={'null' if strategy.startswith('zero3') else 'true'}", f"run_dir={run_dir}"]
 
 
 def command(strategy: str, quant: str, run_dir: Path, save_steps: int = SAVE_STEPS) -> List[str]:

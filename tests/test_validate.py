@@ -44,6 +44,8 @@ def warnings(*overrides: str) -> set[str]:
     (["quant=hqq", "strategy=zero3"], "hqq.no_sharded_strategy"),
     (["quant=eetq", "quant.bits=4"], "eetq.bits"),
     (["quant=eetq", "strategy=fsdp"], "eetq.no_sharded_strategy"),
+    # the fused LoRA branch bypasses ZeRO-3's per-module weight gathering
+    (["quant=bnb4", "strategy=zero3", "train.fused_lora=true"], "train.fused_lora_zero3"),
 ])
 def test_rule_rejects(overrides: list[str], rule: str) -> None:
     assert rule in errors(*overrides)
@@ -62,6 +64,8 @@ def test_rule_rejects(overrides: list[str], rule: str) -> None:
     ["quant=gptq", "strategy=ddp", "peft=dora"],
     ["quant=none", "model.device_map=auto", "do_train=false"],
     ["quant=bnb4", "model.adapters=[/a]"],
+    ["quant=bnb4", "strategy=zero3", "train.fused_lora=null"],
+    ["quant=bnb4", "strategy=fsdp", "train.fused_lora=true"],
 ])
 def test_legal_compositions_pass(overrides: list[str]) -> None:
     assert errors(*overrides) == set()

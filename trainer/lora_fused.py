@@ -111,16 +111,17 @@ def _replay_mask(like: torch.Tensor, p: float, state: torch.Tensor) -> torch.Ten
         return _keep_mask(like, p)
 
 
-# On CUDA the fused branch pays when a call carries enough GPU work to hide its launch cost: with less
-# (small models or few tokens per step) training is CPU-bound, and peft's forward, which launches fewer
-# kernels from Python, is faster. Measured on an H200 (bench/RESULTS.md): Llama-3-8B at 8k tokens per
-# step (8192 x 4096 = 2**25) gains, Llama-3.2-1B at 8k tokens (8192 x 2048) loses. Override to experiment.
-CUDA_MIN_TOKENS_X_HIDDEN = int(os.environ.get("QFORGE_FUSED_LORA_MIN_WORK", 2**25))
+# The fused branch pays when a call carries enough work to hide its Python and launch cost: with less
+# (small models or few tokens per step) training is CPU-bound and peft's forward, which runs fewer ops
+# from Python, is faster. Measured on an H200 (bench/RESULTS.md): Llama-3-8B at 8k tokens per step
+# (8192 x 4096 = 2**25) gains, Llama-3.2-1B at 8k tokens (8192 x 2048) loses; on CPU the embedded tiny
+# model runs 18% slower with it. train.fused_lora=null applies this; true forces the branch everywhere.
+MIN_TOKENS_X_HIDDEN = int(os.environ.get("QFORGE_FUSED_LORA_MIN_WORK", 2**25))
 
 
-def pays_on_cuda(hidden_size: int, tokens_per_step: int) -> bool:
+def pays(hidden_size: int, tokens_per_step: int) -> bool:
     """Whether a training step carries enough work per LoRA call for the fused branch (see above)."""
-    return hidden_size * tokens_per_step >= CUDA_MIN_TOKENS_X_HIDDEN
+    return hidden_size * tokens_per_step >= MIN_TOKENS_X_HIDDEN
 
 
 def _use_kernels(x: torch.Tensor, rank: int) -> bool:
@@ -245,7 +246,9 @@ def _fusable(layer: Any, kwargs: dict) -> Optional[str]:
 
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     name = _fusable(self, kwargs)
-    small = x.is_cuda and (x.numel() // max(1, x.shape[-1])) * self._qforge_hidden < CUDA_MIN_TOKENS_X_HIDDEN
+    # auto: calls with few tokens (eval batches, a short last batch) go to peft's forward as well.
+    small = self._qforge_auto_hidden and (x.numel() // max(1, x.shape[-1])) * self._qforge_auto_hidden \
+        < MIN_TOKENS_X_HIDDEN
     if name is None or small:
         return self._qforge_peft_forward(x, *args, **kwargs)
     kwargs.pop("alora_offsets", None)  # a variant-only keyword peft strips before the base layer
@@ -306,8 +309,11 @@ def _install_recompute(model: Any) -> int:
     return marked
 
 
-def install(model: Any) -> int:
-    """Route every fusable peft LoRA layer through LoraBranch; returns how many layers were switched."""
+def install(model: Any, auto: bool = False) -> int:
+    """Route every fusable peft LoRA layer through LoraBranch; returns how many layers were switched.
+
+    auto: calls with too little work (`pays`) still take peft's forward.
+    """
     from peft.tuners.lora import LoraLayer
 
     config = getattr(model, "config", None)
@@ -321,7 +327,7 @@ def install(model: Any) -> int:
         if hasattr(module, "_qforge_peft_forward"):
             continue
         module._qforge_peft_forward = module.forward
-        module._qforge_hidden = hidden
+        module._qforge_auto_hidden = hidden if auto else 0
         module.forward = types.MethodType(_fused_forward, module)
         switched += 1
     if switched:

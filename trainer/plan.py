@@ -144,9 +144,15 @@ def _model_spec(cfg: Any, dtype: str) -> Dict[str, Any]:
         "checkpoint_layers": cfg.train.checkpoint_layers if cfg.train.checkpoint_layers is not None else "all",
         # Skipped where the strategy shards lm_head (its weight is a DTensor / ZeRO partition there).
         "fused_cross_entropy": bool(cfg.train.fused_ce) and strategy(cfg) not in NO_FUSED_CE_STRATEGIES,
-        "fused_lora": bool(cfg.train.fused_lora) and strategy(cfg) not in NO_FUSED_LORA_STRATEGIES,
+        "fused_lora": _fused_lora(cfg),
         "liger": "auto (CUDA and liger-kernel present)" if cfg.model.liger is None else bool(cfg.model.liger),
     }
+
+
+def _fused_lora(cfg: Any) -> Any:
+    if cfg.train.fused_lora is False or strategy(cfg) in NO_FUSED_LORA_STRATEGIES:
+        return False
+    return True if cfg.train.fused_lora else "auto (when batch x seq x hidden >= 2**25)"
 
 
 def _quant_spec(cfg: Any, dtype: str) -> Dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from trainer.rules import DISTRIBUTED_STRATEGIES, error, strategy, warning
+from trainer.speed import NO_FUSED_LORA_STRATEGIES
 
 RULES = [
     error(
@@ -69,6 +70,14 @@ RULES = [
         lambda cfg: strategy(cfg) == "fsdp" and cfg.strategy.version not in (1, 2),
         "strategy.version must be 1 or 2 for FSDP, not {cfg.strategy.version}.",
         "set strategy.version=2 (fully_shard) or 1.",
+    ),
+    error(
+        "train.fused_lora_zero3",
+        ["train", "strategy"],
+        lambda cfg: cfg.train.fused_lora is True and strategy(cfg) in NO_FUSED_LORA_STRATEGIES,
+        "train.fused_lora=true cannot run under strategy={cfg.strategy.name.value}: ZeRO-3 gathers a weight only "
+        "inside its own module's call, and the fused LoRA branch reads the LoRA weights without that call.",
+        "set train.fused_lora=null (peft's LoRA forward under ZeRO-3) or use strategy=fsdp.",
     ),
     warning(
         "strategy.one_process",

@@ -225,8 +225,9 @@ class TrainLoop:
     # Chunked lm_head + cross-entropy: no full fp32 logits (same loss value).
     fused_ce: bool = True
     # LoRA branch as one autograd function: dropout mask redrawn in backward, not stored; norm outputs and
-    # the SwiGLU product recomputed (same result, less memory). On CUDA only where a step has enough work.
-    fused_lora: bool = True
+    # the SwiGLU product recomputed (same result, less memory). Null: on where a step has enough work
+    # (batch x seq x hidden >= 2**25, e.g. an 8B model at 8k tokens), where it measured faster.
+    fused_lora: Optional[bool] = None
     logging_steps: int = 5
     eval_steps: int = 50
     save_steps: int = 50

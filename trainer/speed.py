@@ -87,7 +87,8 @@ def apply(model: Any, cfg: Any) -> Any:
 
 
 def uses_fused_lora(cfg: Any) -> bool:
-    return bool(cfg.train.fused_lora) and cfg.strategy.name.value not in NO_FUSED_LORA_STRATEGIES
+    """train.fused_lora true or null (auto), under a strategy that allows it (the rule train.fused_lora_zero3)."""
+    return cfg.train.fused_lora is not False and cfg.strategy.name.value not in NO_FUSED_LORA_STRATEGIES
 
 
 def apply_to_adapter(model: Any, cfg: Any) -> Any:
@@ -95,14 +96,14 @@ def apply_to_adapter(model: Any, cfg: Any) -> Any:
     if uses_fused_lora(cfg):
         from trainer import lora_fused
 
+        auto = cfg.train.fused_lora is None
         hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
         tokens = int(cfg.train.batch_size) * int(cfg.train.max_seq_len)
-        on_cuda = next((p.is_cuda for p in model.parameters()), False)
-        if on_cuda and hidden and not lora_fused.pays_on_cuda(hidden, tokens):
+        if auto and hidden and not lora_fused.pays(hidden, tokens):
             log.info("LoRA: peft's forward (%d tokens x hidden %d per step is too little work for the fused "
-                     "branch to pay on CUDA)", tokens, hidden)
+                     "branch to pay; train.fused_lora=true forces it)", tokens, hidden)
             return model
-        switched = lora_fused.install(model)
+        switched = lora_fused.install(model, auto=auto)
         if switched:
             log.info("LoRA: fused branch on %d layers (dropout mask replayed in backward, not stored)", switched)
     return model

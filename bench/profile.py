@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
-import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
-from bench.run import ITEMS
+from bench.run import ITEMS, item_data
 from bench.side import qforge_overrides
-from bench.workload import build_checkpoint, write_data
+from bench.workload import build_checkpoint
 
 
 class StepProbe:
@@ -106,8 +104,7 @@ def main(argv: List[str] | None = None) -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint = build_checkpoint(spec["shape"], workdir)
-    data = write_data(workdir / f"data-{args.item}.jsonl", spec["kind"], 64 if spec["kind"] == "fixed" else 2000,
-                      spec["max_len"])
+    data = item_data(args.item, spec, workdir)
     job = {"checkpoint": str(checkpoint), "warmup": 3, "steps": 3, "workdir": str(workdir)}
     item = {"data": str(data), "max_len": spec["max_len"], "batch": spec["batch"]}
     cfg = compose(qforge_overrides(job, item, list(args.overrides)))
@@ -117,5 +114,4 @@ def main(argv: List[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.getcwd())
     raise SystemExit(main())

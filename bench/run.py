@@ -50,6 +50,12 @@ LADDER = [
 LOSS_TOLERANCE = 0.02  # relative: bf16 has 8 bits of mantissa; fp32-upcast head vs bf16 head
 
 
+def item_data(name: str, spec: Dict[str, Any], workdir: Path) -> Path:
+    """The work item's JSONL: 64 full-length examples, or 2,000 instruction-like ones to pack."""
+    count = 64 if spec["kind"] == "fixed" else 2000
+    return write_data(workdir / f"data-{name}.jsonl", spec["kind"], count, spec["max_len"])
+
+
 def parse_variant(spec: str) -> Dict[str, Any]:
     """ITEMS:NAME:OVERRIDES, e.g. `a:ckpt24:train.checkpoint_layers=24` (ITEMS may be `all`)."""
     items, name, overrides = (spec.split(":", 2) + ["", ""])[:3]
@@ -156,8 +162,7 @@ def main(argv: List[str] | None = None) -> int:
         items = []
         for name in (n for n in names if ITEMS[n]["shape"] == shape):
             spec = ITEMS[name]
-            count = 64 if spec["kind"] == "fixed" else 2000
-            data = write_data(workdir / f"data-{name}.jsonl", spec["kind"], count, spec["max_len"])
+            data = item_data(name, spec, workdir)
             items.append({"name": name, "data": str(data), "max_len": spec["max_len"], "batch": spec["batch"],
                           "variants": variants_for(name, args)})
         common = {"checkpoint": str(checkpoint), "items": items, "warmup": args.warmup, "steps": args.steps,

@@ -124,7 +124,7 @@ def pays(hidden_size: int, tokens_per_step: int) -> bool:
     return hidden_size * tokens_per_step >= MIN_TOKENS_X_HIDDEN
 
 
-def _use_kernels(x: torch.Tensor, rank: int) -> bool:
+def _use_kernels(x: torch.Tensor) -> bool:
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or x.numel() >= 2**31:
         return False
     try:
@@ -151,7 +151,7 @@ class LoraBranch(torch.autograd.Function):
         xc = x.to(dtype)
         x2d = xc.reshape(-1, xc.shape[-1])
         rank = weight_a.shape[0]
-        ctx.kernels = _use_kernels(x2d, rank) and x2d.is_contiguous()
+        ctx.kernels = _use_kernels(x2d) and x2d.is_contiguous()
         ctx.p, ctx.scale, ctx.x_dtype, ctx.x_shape = p, scaling / (1.0 - p), x.dtype, xc.shape
         ctx.seed = ctx.state = None
         if ctx.kernels:
@@ -247,8 +247,7 @@ def _fusable(layer: Any, kwargs: dict) -> Optional[str]:
 def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     name = _fusable(self, kwargs)
     # auto: calls with few tokens (eval batches, a short last batch) go to peft's forward as well.
-    small = self._qforge_auto_hidden and (x.numel() // max(1, x.shape[-1])) * self._qforge_auto_hidden \
-        < MIN_TOKENS_X_HIDDEN
+    small = self._qforge_auto_hidden and not pays(self._qforge_auto_hidden, x.numel() // max(1, x.shape[-1]))
     if name is None or small:
         return self._qforge_peft_forward(x, *args, **kwargs)
     kwargs.pop("alora_offsets", None)  # a variant-only keyword peft strips before the base layer

@@ -18,7 +18,7 @@ from trainer import strategies
 from trainer.env import accelerators
 from trainer.quant import backend_for
 from trainer.rules import method, peft_method, strategy
-from trainer.speed import NO_FUSED_CE_STRATEGIES, NO_FUSED_LORA_STRATEGIES
+from trainer.speed import NO_FUSED_CE_STRATEGIES, uses_fused_lora
 
 
 @dataclass
@@ -150,7 +150,7 @@ def _model_spec(cfg: Any, dtype: str) -> Dict[str, Any]:
 
 
 def _fused_lora(cfg: Any) -> Any:
-    if cfg.train.fused_lora is False or strategy(cfg) in NO_FUSED_LORA_STRATEGIES:
+    if not uses_fused_lora(cfg):
         return False
     return True if cfg.train.fused_lora else "auto (when batch x seq x hidden >= 2**25)"
 

@@ -12,7 +12,7 @@ import logging
 from typing import Any, List, Sequence, Tuple
 
 from trainer.errors import UserError
-from trainer.rules import SHARDED_STRATEGIES
+from trainer.rules import SHARDED_STRATEGIES, strategy
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def apply(model: Any, cfg: Any) -> Any:
 
 def uses_fused_lora(cfg: Any) -> bool:
     """train.fused_lora true or null (auto), under a strategy that allows it (the rule train.fused_lora_zero3)."""
-    return cfg.train.fused_lora is not False and cfg.strategy.name.value not in NO_FUSED_LORA_STRATEGIES
+    return cfg.train.fused_lora is not False and strategy(cfg) not in NO_FUSED_LORA_STRATEGIES
 
 
 def apply_to_adapter(model: Any, cfg: Any) -> Any:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import yaml
 
@@ -25,23 +25,19 @@ def reload_logits(run_dir: Path) -> Any:
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
+
+    from trainer.quant.bnb import from_pretrained as bnb_from_pretrained
 
     plan = json.loads((run_dir / ".hydra" / "plan.json").read_text())
     cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
     from trainer.tiny import tiny_model_dir
 
     source = cfg["model"]["name_or_path"] or str(tiny_model_dir(_tiny_arch(cfg)))
-    dtype = getattr(torch, plan["compute_dtype"])
-    kwargs: Dict[str, Any] = {"dtype": dtype}
+    kwargs: Dict[str, Any] = {"dtype": getattr(torch, plan["compute_dtype"])}
     bnb = plan["quant"].get("bitsandbytes_config")
-    if bnb:
-        bnb = dict(bnb)
-        for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
-            if key in bnb:
-                bnb[key] = getattr(torch, bnb[key])
-        kwargs["quantization_config"] = BitsAndBytesConfig(**bnb)
-    base = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    # Through qforge's own bnb loader, which pins the same CPU kernels the run trained with.
+    base = bnb_from_pretrained(source, bnb, kwargs) if bnb else AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if cfg["model"].get("upcast_layernorm"):
         for name, module in base.named_modules():
             if "norm" in type(module).__name__.lower() or name.endswith("norm"):
@@ -88,13 +84,18 @@ def command(strategy: str, quant: str, run_dir: Path, save_steps: int = SAVE_STE
     return [sys.executable, str(REPO / "train.py"), *overrides(strategy, quant, run_dir, save_steps)]
 
 
-def finished_run(strategy: str, quant: str) -> Path:
-    """Run (once) an uninterrupted 2-process job; returns its run dir. Fails with the job's output."""
-    key = (strategy, quant)
+def finished_run(strategy: str, quant: str, cpu_env: Optional[Dict[str, str]] = None) -> Path:
+    """Run (once) an uninterrupted 2-process job; returns its run dir. Fails with the job's output.
+
+    cpu_env caps the CPU kernels' instruction set (tests.conftest.cpu_paths); each path is its own run.
+    """
+    cpu_env = dict(cpu_env or {})
+    key = (strategy, quant, tuple(sorted(cpu_env.items())))
     if key not in _FINISHED:
-        run_dir = _ROOT / f"{strategy}-{quant}"
+        suffix = "-avx2" if cpu_env else ""
+        run_dir = _ROOT / f"{strategy}-{quant}{suffix}"
         proc = subprocess.run(command(strategy, quant, run_dir), cwd=REPO, capture_output=True, text=True,
-                              timeout=600, env=dict(os.environ))
-        assert proc.returncode == 0, f"{strategy}/{quant} failed:\n{proc.stderr[-4000:]}"
+                              timeout=600, env={**os.environ, **cpu_env})
+        assert proc.returncode == 0, f"{strategy}/{quant}{suffix} failed:\n{proc.stderr[-4000:]}"
         _FINISHED[key] = run_dir
     return _FINISHED[key]

@@ -72,17 +72,45 @@ def quantization_kwargs(cfg: Any, compute_dtype: str) -> Dict[str, Any]:
 
 
 def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
+    dtype_name = str(model_kwargs["dtype"]).removeprefix("torch.")
+    return from_pretrained(path, quantization_kwargs(cfg, dtype_name), model_kwargs)
+
+
+def from_pretrained(path: str, bnb_kwargs: Dict[str, Any], model_kwargs: Dict[str, Any]) -> Any:
+    """Load `path` quantized by bitsandbytes with the plan's (printable) BitsAndBytesConfig arguments."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype_name = str(model_kwargs["dtype"]).removeprefix("torch.")
-    kwargs = quantization_kwargs(cfg, dtype_name)
+    kwargs = dict(bnb_kwargs)
     for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
-        if key in kwargs:
+        if isinstance(kwargs.get(key), str):
             kwargs[key] = getattr(torch, kwargs[key])
-    return AutoModelForCausalLM.from_pretrained(
+    model = AutoModelForCausalLM.from_pretrained(
         path, quantization_config=BitsAndBytesConfig(**kwargs), **model_kwargs
     )
+    keep_training_layout(model)
+    return model
+
+
+def keep_training_layout(model: Any) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout; returns layers pinned.
+
+    bitsandbytes 0.48-0.50 (Linear4bit.forward), on a CPU with AVX512-BF16, repacks a layer's packed weight
+    *in place* the first time it runs in eval mode without grad: the weight becomes a [N, K/2] uint8 tensor
+    in another layout, absmax is cast to bf16 (double quantization undone), and every later matmul on it,
+    training ones included, goes through an inference-only bf16 kernel. Saving a state dict repacks it back,
+    re-quantizing absmax from its bf16 copy. So on such CPUs an evaluation changed the base weights a run
+    trained on, each checkpoint changed them again (resume was not exact), the repacked uint8 weight broke
+    FSDP2's and ZeRO-3's float-storage shards, and a reloaded adapter did not reproduce the trained logits.
+    CPUs without AVX512-BF16 never take that path; pinning the flag makes every CPU compute the same way
+    (dequantize, then a matmul in the compute dtype), in training and evaluation alike.
+    """
+    pinned = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            pinned += 1
+    return pinned
 
 
 BACKEND = Backend(

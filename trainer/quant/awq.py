@@ -1,7 +1,8 @@
 """AWQ: pre-quantized activation-aware 4-bit checkpoints, loaded through gptqmodel.
 
-transformers 5.x reads AWQ checkpoints with gptqmodel's kernels (autoawq is no longer used); on
-CPU that is TorchAtenAwqLinear, which has a backward pass, so LoRA trains on CPU and GPU alike.
+transformers 5.x reads AWQ checkpoints with gptqmodel's kernels (autoawq is no longer used). The kernel is
+named explicitly (gptq.trainable_kernel): on CPU TorchAtenAwqLinear, which has a backward pass on every CPU,
+so LoRA trains on CPU and GPU alike.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any, Dict, List
 
 from trainer.quant import Backend, Requirement
 from trainer.quant.common import bits_rule
-from trainer.quant.gptq import GPTQMODEL, gptqmodel_cpu_workers
+from trainer.quant.gptq import GPTQMODEL, gptqmodel_cpu_workers, trainable_kernel
 from trainer.quant.prequantized import check_checkpoint, load_prequantized, sharding_rule
 from trainer.quant.targets import mark_linear_targets
 
@@ -29,7 +30,7 @@ def requirements(cfg: Any) -> List[Requirement]:
 def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
     check_checkpoint(path, "awq", cfg.quant.bits)
     gptqmodel_cpu_workers()
-    return mark_linear_targets(load_prequantized(path, model_kwargs))
+    return mark_linear_targets(load_prequantized(path, model_kwargs, backend=trainable_kernel("awq", model_kwargs)))
 
 
 BACKEND = Backend(

@@ -1,8 +1,7 @@
 """GPTQ: pre-quantized checkpoints (gptqmodel through transformers), and the export that makes them.
 
 transformers 5.x loads GPTQ (and AWQ) through gptqmodel and optimum. gptqmodel picks its kernel per
-device; `backend="auto_trainable"` keeps it to kernels with a backward pass (the exllama kernels are
-inference only), which on CPU is its pure-torch TorchAtenLinear.
+device; qforge names a kernel with a backward pass explicitly (`trainable_kernel`).
 """
 
 from __future__ import annotations
@@ -42,10 +41,25 @@ def gptqmodel_cpu_workers() -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, ((os.cpu_count() or 1) + 1) // 2)))
 
 
+def trainable_kernel(method: str, model_kwargs: Dict[str, Any]) -> str:
+    """The gptqmodel backend to load with: named explicitly on CPU, where gptqmodel's own choice depends on the CPU.
+
+    gptqmodel 7.7 ranks an AVX512-BF16 kernel (TorchCpuAvx512Linear / TorchCpuAvx512AwqLinear) first on CPUs
+    that have the instruction; both are inference only (the AWQ one raises in .train(), and plain `auto`, which
+    AWQ loading used, picks it). On CPU qforge names kernels with a backward pass that run on every x86 CPU:
+    GPTQ's ATen int4pack kernel (TorchAtenLinear), and for AWQ gptqmodel's pure-torch AwqTorchLinear
+    (`torch_awq`: transformers 5.17's AwqConfig accepts no name for the AWQ ATen kernel). On a GPU,
+    `auto_trainable` keeps gptqmodel to kernels with a backward pass (exllama and marlin are inference only).
+    """
+    if model_kwargs.get("device_map") is None:
+        return {"gptq": "gptq_torch_aten", "awq": "torch_awq"}[method]
+    return "auto_trainable"
+
+
 def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
     check_checkpoint(path, "gptq", cfg.quant.bits)
     gptqmodel_cpu_workers()
-    model = load_prequantized(path, model_kwargs, backend="auto_trainable")
+    model = load_prequantized(path, model_kwargs, backend=trainable_kernel("gptq", model_kwargs))
     return mark_linear_targets(model)  # gptqmodel's layers are not nn.Linear
 
 

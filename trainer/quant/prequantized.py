@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from trainer.errors import UserError
 from trainer.quant.common import no_sharding_rule
 from trainer.rules import Rule
+
+log = logging.getLogger(__name__)
 
 
 def sharding_rule(backend: str, label: str) -> Rule:
@@ -61,4 +64,12 @@ def load_prequantized(path: str, model_kwargs: Dict[str, Any], **quant_overrides
             quant_config = quant_config.to_dict()
         # transformers merges only an object of the checkpoint's own config class, not a dict.
         load_kwargs["quantization_config"] = AutoQuantizationConfig.from_dict({**quant_config, **quant_overrides})
-    return AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+    log.info("quantized layers: %s", ", ".join(kernel_classes(model)) or "none found")
+    return model
+
+
+def kernel_classes(model: Any) -> List[str]:
+    """Class names of the decoder's quantized layers (the kernel the loader chose), sorted."""
+    return sorted({type(m).__name__ for m in model.get_decoder().modules()
+                   if hasattr(m, "qweight") or hasattr(m, "codes")})

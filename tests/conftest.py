@@ -41,6 +41,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item
             item.add_marker(skip)
 
 
+# ---- CPU instruction sets: the suite covers the machine's own kernels and the AVX2 ones ----
+#
+# torch, oneDNN, MKL and bitsandbytes choose CPU kernels by instruction set (bitsandbytes keys its AVX-512
+# paths on torch's capability). Tests whose numbers could move with that choice run twice: once on this
+# CPU's own path, once with every library capped at AVX2, so green on an AVX-512/AMX machine means green on
+# an AVX2-only one and back. On a CPU whose own path already is AVX2 the second run would repeat the first.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def native_cpu_capability() -> str:
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def cpu_paths() -> List[pytest.param]:
+    above_avx2 = native_cpu_capability() not in ("AVX2", "DEFAULT", "NO AVX")
+    return [pytest.param({}, id="cpu-native"),
+            pytest.param(AVX2_ENV, id="cpu-avx2", marks=[] if above_avx2 else [pytest.mark.skip(
+                reason=f"this CPU's own kernels are {native_cpu_capability()}: cpu-native already covers AVX2")])]
+
+
 def run_cli(*overrides: str, cwd: Path = REPO, timeout: int = 600, env: dict | None = None,
             console_script: bool = False) -> subprocess.CompletedProcess:
     """Run `python train.py <overrides>` (or the `qforge` script) exactly as a user would."""

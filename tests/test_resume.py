@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.conftest import cpu_paths
 from tests.strategy_checks import REPO, STEPS, command, finished_run, metrics
 from trainer import checkpoints
 from trainer.errors import UserError
@@ -26,8 +27,8 @@ from trainer.errors import UserError
 KILLED_SAVE_STEPS = 1
 
 
-def _kill_after_first_checkpoint(cmd: list, run_dir: Path) -> None:
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _kill_after_first_checkpoint(cmd: list, run_dir: Path, env: dict) -> None:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     marker = run_dir / "checkpoints" / f"checkpoint-{KILLED_SAVE_STEPS}" / checkpoints.COMPLETE_MARKER
     deadline = time.monotonic() + 300
     while not marker.exists():
@@ -45,15 +46,22 @@ def _kill_after_first_checkpoint(cmd: list, run_dir: Path) -> None:
     assert not (run_dir / "metrics.json").exists(), "the run finished before the kill landed"
 
 
+RESUME_CASES = [pytest.param("ddp", {}, id="ddp"), pytest.param("fsdp", {}, id="fsdp"),
+                *[pytest.param("ddp", p.values[0], id=f"ddp-{p.id}", marks=p.marks)
+                  for p in cpu_paths() if p.id != "cpu-native"]]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_killed_run_resumes_exactly(strategy: str, tmp_path: Path) -> None:
-    reference = metrics(finished_run(strategy, "bnb4"))
+@pytest.mark.parametrize("strategy, cpu_env", RESUME_CASES)
+def test_killed_run_resumes_exactly(strategy: str, cpu_env: dict, tmp_path: Path) -> None:
+    reference_dir = finished_run(strategy, "bnb4", cpu_env)
+    reference = metrics(reference_dir)
+    env = {**os.environ, **cpu_env}
     run_dir = tmp_path / "run"
     cmd = command(strategy, "bnb4", run_dir, save_steps=KILLED_SAVE_STEPS)
-    _kill_after_first_checkpoint(cmd, run_dir)
+    _kill_after_first_checkpoint(cmd, run_dir, env)
 
-    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     m = metrics(run_dir)
     killed_at = m["resumed_from_step"]
@@ -71,13 +79,13 @@ def test_killed_run_resumes_exactly(strategy: str, tmp_path: Path) -> None:
     for step in after:
         assert after[step] == pytest.approx(ref[step], rel=1e-4), (step, after[step], ref[step])
     resumed_adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-    reference_adapter = load_file(str(finished_run(strategy, "bnb4") / "adapter" / "adapter_model.safetensors"))
+    reference_adapter = load_file(str(reference_dir / "adapter" / "adapter_model.safetensors"))
     assert resumed_adapter.keys() == reference_adapter.keys()
     for key, value in resumed_adapter.items():
         assert torch.allclose(value, reference_adapter[key], atol=1e-5), key
 
     # The run is finished now: the same command refuses to overwrite it.
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
     assert again.returncode != 0 and "finished run" in again.stderr and "Traceback" not in again.stderr
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import cpu_paths, run_cli
 from tests.strategy_checks import STEPS, finished_run, metrics, reload_logits, train_losses
 
 CASES = [(s, q) for s in ("ddp", "fsdp", "zero2", "zero3") for q in ("none", "bnb4")]
@@ -23,7 +23,19 @@ CASES = [(s, q) for s in ("ddp", "fsdp", "zero2", "zero3") for q in ("none", "bn
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy,quant", CASES, ids=[f"{s}-{q}" for s, q in CASES])
 def test_strategy_trains_and_saves_a_loadable_adapter(strategy: str, quant: str) -> None:
-    run_dir = finished_run(strategy, quant)
+    check_strategy_run(strategy, quant, {})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "zero2", "zero3"])
+@pytest.mark.parametrize("cpu_env", [p for p in cpu_paths() if p.id != "cpu-native"])
+def test_bnb4_strategy_on_avx2_kernels(strategy: str, cpu_env: dict) -> None:
+    """The bnb4 cases once more with torch, oneDNN, MKL and bitsandbytes capped at AVX2 (tests.conftest)."""
+    check_strategy_run(strategy, "bnb4", cpu_env)
+
+
+def check_strategy_run(strategy: str, quant: str, cpu_env: dict) -> None:
+    run_dir = finished_run(strategy, quant, cpu_env)
     m = metrics(run_dir)
     assert m["world_size"] == 2 and m["steps"] == STEPS
 

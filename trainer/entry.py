@@ -17,6 +17,9 @@ log = logging.getLogger("qforge")
 
 
 def configure_logging() -> None:
+    from trainer.library_noise import silence
+
+    silence()
     logging.basicConfig(level=logging.INFO, format="[qforge %(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True,
                         stream=sys.stderr)
 

@@ -115,21 +115,18 @@ def install(model: Any, use_liger: bool = False) -> bool:
         return False
     stock = model.forward
 
-    def forward(self: Any, input_ids: Any = None, attention_mask: Any = None, position_ids: Any = None,
-                past_key_values: Any = None, inputs_embeds: Any = None, labels: Any = None,
-                use_cache: Any = None, logits_to_keep: Any = 0, **kwargs: Any) -> Any:
+    # Keyword pass-through, never naming the cache argument: transformers renamed it (past_key_values ->
+    # cache in 5.24, which warns on the old name), and a training step uses no cache anyway.
+    def forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
         if labels is None or not self.training or self.lm_head.weight.requires_grad:
-            return stock(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                         use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+            return stock(*args, labels=labels, **kwargs)
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         num_items = kwargs.pop("num_items_in_batch", None)
-        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             **kwargs)
+        kwargs.pop("logits_to_keep", None)  # the chunked loss covers every position
+        outputs = self.model(*args, **kwargs)
         loss = linear_cross_entropy(outputs.last_hidden_state, self.lm_head.weight, labels, num_items, use_liger)
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values)
+        return CausalLMOutputWithPast(loss=loss, logits=None)
 
     model.forward = MethodType(forward, model)
     return True

@@ -16,6 +16,7 @@ import yaml
 
 from trainer import strategies
 from trainer.env import accelerators
+from trainer.preflight import package_versions
 from trainer.quant import backend_for
 from trainer.rules import method, peft_method, strategy
 from trainer.speed import NO_FUSED_CE_STRATEGIES, uses_fused_lora
@@ -36,6 +37,8 @@ class RunPlan:
     training_args: Dict[str, Any]
     logger: Dict[str, Any]
     launcher: Dict[str, Any]
+    # Installed versions of qforge, torch, transformers, peft, accelerate and what the composition adds.
+    versions: Dict[str, str] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -123,6 +126,7 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
             "rdzv_endpoint": cfg.launcher.rdzv_endpoint,
             "rdzv_id": cfg.launcher.rdzv_id,
         },
+        versions=package_versions(cfg),
     )
 
 
@@ -182,9 +186,27 @@ def _peft_spec(cfg: Any) -> Dict[str, Any]:
     return {"method": peft_method(cfg), **adapter_kwargs(cfg)}
 
 
+def checkpointing_argument() -> str:
+    """TrainingArguments' name for activation checkpointing in the installed transformers.
+
+    transformers 5.23 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs) and warns on
+    the old names; read from the installed version's metadata, so the plan stays torch-free.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        renamed = Version(version("transformers")) >= Version("5.23.0")
+    except PackageNotFoundError:
+        renamed = False
+    return "activation_checkpointing" if renamed else "gradient_checkpointing"
+
+
 def training_args(cfg: Any, run_dir: str, device: str, dtype: str, strat: Dict[str, Any]) -> Dict[str, Any]:
     """Keyword arguments for transformers.TrainingArguments, as plain values."""
     t = cfg.train
+    checkpointing = checkpointing_argument()
     args: Dict[str, Any] = {
         "output_dir": os.path.join(run_dir, "checkpoints"),
         "per_device_train_batch_size": t.batch_size,
@@ -209,8 +231,8 @@ def training_args(cfg: Any, run_dir: str, device: str, dtype: str, strat: Dict[s
         "bf16": dtype == "bfloat16",
         "fp16": dtype == "float16",
         "use_cpu": device == "cpu",
-        "gradient_checkpointing": bool(t.gradient_checkpointing),
-        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        checkpointing: bool(t.gradient_checkpointing),
+        f"{checkpointing}_kwargs": {"use_reentrant": False},
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
         "report_to": [],

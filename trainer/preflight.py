@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from typing import Any, List, Tuple
+import platform
+from typing import Any, Dict, List, Tuple
 
 from packaging.version import Version
 
@@ -51,3 +52,37 @@ def check_requirements(needed: List[Tuple[str, Requirement]]) -> None:
         if req.needs_gpu and gpus == 0:
             raise UserError(f"{asked_by} runs only on an NVIDIA GPU ({req.distribution} has no CPU "
                             "kernels) and none is visible here; run this config on a GPU machine.")
+
+
+# What every run loads, whatever its composition.
+CORE_DISTRIBUTIONS = ("torch", "transformers", "peft", "accelerate")
+
+
+def package_versions(cfg: Any) -> Dict[str, str]:
+    """Installed versions of what this composition runs on: qforge, the core stack, and what the backend,
+    strategy and logger need (bitsandbytes, deepspeed, ...), so a result can be reproduced."""
+    names = ["qforge", *CORE_DISTRIBUTIONS, *(req.distribution for _, req in requirements(cfg))]
+    versions = {"python": platform.python_version()}
+    for name in dict.fromkeys(names):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def machine_facts() -> Dict[str, str]:
+    """The CPU's model, the instruction set torch's CPU kernels use (they change CPU numerics), and the GPU and
+    CUDA version when there is one. Imports torch: called by a rank, not at plan time."""
+    import torch
+
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    facts = {"cpu": model, "torch_cpu_capability": str(torch.backends.cpu.get_cpu_capability())}
+    if torch.cuda.is_available():
+        facts.update(gpu=torch.cuda.get_device_name(0), cuda=str(torch.version.cuda))
+    return facts

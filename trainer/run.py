@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
     started = time.monotonic()
     preflight.check(cfg)
+    if plan.device == "cpu":
+        # Named, not detected: DeepSpeed (imported by the Trainer) otherwise warns that it found no GPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     # Data first: a bad file costs a second here, not a model load.
     tokenizer = load_tokenizer(cfg, model_source(cfg))
@@ -87,6 +90,7 @@ def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[
 
     metrics.update(_memory())
     metrics["world_size"] = plan.world_size
+    metrics["versions"] = {**plan.versions, **preflight.machine_facts()}
     metrics["wall_seconds"] = time.monotonic() - started
     # Collective saves first: FSDP and ZeRO-3 need every rank to gather the weights.
     if cfg.do_train:

@@ -1,0 +1,37 @@
+"""Library messages a run would print that tell the user nothing they can act on, silenced by their exact text.
+
+Each entry names the library version that prints it and why it does not apply to a qforge run. Anything else
+a library says is still shown.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# peft 0.21's PeftModel.__init__ reads model.is_gradient_checkpointing, which transformers >= 5.23 deprecates;
+# qforge itself uses the new names (plan.checkpointing_argument).
+_WARNINGS = [(FutureWarning, r"`is_gradient_checkpointing` is deprecated")]
+
+# bitsandbytes 0.50 on AVX512-BF16 CPUs tries to load an optional inference kernel at import; qforge never
+# takes that path (quant/bnb.keep_training_layout), so its absence is no news.
+_LOG_MESSAGES = {"bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward"}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def silence() -> None:
+    """Install the filters (idempotent); call before the libraries are imported."""
+    for category, pattern in _WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+    for name, prefix in _LOG_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropMessage(prefix))

@@ -26,6 +26,17 @@ def test_default_run_learns_and_leaves_its_outputs(output_root: Path) -> None:
     assert (run_dir / ".hydra" / "config.yaml").exists()
     assert (run_dir / "checkpoints").is_dir()
     assert "%|" in result.stderr  # the progress bar showed
+    # Nothing qforge calls warns of a deprecation (transformers >= 5.23 renamed past_key_values and
+    # gradient_checkpointing), and no library noise a user cannot act on.
+    for noise in ("FutureWarning", "DeprecationWarning", "gemm_4bit_forward", "unable to detect"):
+        assert noise not in result.stderr, noise
+    # What it ran on, for reproducing it: in the plan before the run, in metrics.json after it.
+    import importlib.metadata
+
+    plan = json.loads((run_dir / ".hydra" / "plan.json").read_text())
+    for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes"):
+        assert plan["versions"][name] == metrics["versions"][name] == importlib.metadata.version(name)
+    assert metrics["versions"]["torch_cpu_capability"] and metrics["versions"]["cpu"]
 
     import torch
     from peft import PeftModel

@@ -1,6 +1,13 @@
-"""The `qforge` console script: the same entry as `python train.py`, with conf/ found wherever installed."""
+"""The one command-line entry: `python train.py` and the `qforge` console script both run `main()`.
+
+Hydra composes conf/ with the command line; its composition errors are turned into one qforge line here
+(trainer/overrides.py), so a typo never prints a stack of Hydra internals or a harmful "+key" suggestion.
+"""
 
 from __future__ import annotations
+
+import os
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -17,4 +24,22 @@ def main() -> None:
 
         run_entry(cfg)
 
-    _main()
+    # Hydra re-raises instead of printing its own report, so composition errors can be translated below;
+    # anything that is not one (a bug) still propagates with its traceback.
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _main()
+    except Exception as err:  # noqa: BLE001 - composition errors have no common base class
+        from trainer.overrides import explain
+
+        message = explain(err, conf_dir())
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous

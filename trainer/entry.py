@@ -38,6 +38,8 @@ def _run(cfg: Any) -> None:
     from trainer.validate import validate
 
     is_child_rank = os.environ.get("QFORGE_CHILD") == "1"
+    if not is_child_rank:
+        _check_command_line(cfg)
     if _hydra_multirun_dir() is not None and cfg.launcher.name.value == "slurm" and not is_child_rank:
         # A -m sweep on Slurm: validate every combination, submit the legal ones as one job array, exit.
         from launchers.slurm_sweep import submit_sweep_from_hydra
@@ -52,6 +54,10 @@ def _run(cfg: Any) -> None:
 
     plan = build_plan(cfg, run_dir=_hydra_multirun_dir())
     plan.warnings = [v.line() for v in report.warnings]
+    if not is_child_rank:
+        from trainer import inputs
+
+        inputs.check(cfg, plan.run_dir)  # before anything is created or an earlier run is touched
     if cfg.dry_run:
         print(plan.render())
         return
@@ -59,6 +65,19 @@ def _run(cfg: Any) -> None:
     from launchers import launch
 
     launch(cfg, plan, overrides=_overrides())
+
+
+def _check_command_line(cfg: Any) -> None:
+    """What Hydra composed but the schema does not have (a '+' key, an unknown experiment, ...)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from trainer.compose import conf_dir
+    from trainer.overrides import check_composed
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    check_composed(cfg, list(hydra_cfg.overrides.task), dict(hydra_cfg.runtime.choices), conf_dir())
 
 
 def _overrides() -> List[str]:

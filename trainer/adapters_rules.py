@@ -7,6 +7,17 @@ from typing import Any
 from trainer.rules import error, method, peft_method, warning
 
 LORA_FAMILY = ("lora", "dora", "oft", "pissa")
+# Layer names of the decoder families qforge knows (Llama, Mistral and Qwen2 share them).
+FAMILY_LAYERS = {family: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                          "embed_tokens", "lm_head") for family in ("llama", "mistral", "qwen2")}
+
+
+def unknown_targets(cfg: Any) -> list:
+    known = FAMILY_LAYERS.get(str(cfg.model.family))
+    targets = list(cfg.peft.target_modules)
+    if known is None or targets == ["all-linear"] or peft_method(cfg) not in LORA_FAMILY:
+        return []
+    return [t for t in targets if t not in known]
 
 
 def trains_quantized(cfg: Any) -> bool:
@@ -17,6 +28,15 @@ def trains_quantized(cfg: Any) -> bool:
 
 
 RULES = [
+    error(
+        "peft.target_modules",
+        ["peft", "model"],
+        lambda cfg: bool(unknown_targets(cfg)),
+        "peft.target_modules names {unknown}, which no layer of a {cfg.model.family} model is called.",
+        "use peft.target_modules=[all-linear], or a list of: {known}.",
+        details=lambda cfg: {"unknown": ", ".join(unknown_targets(cfg)),
+                             "known": ", ".join(FAMILY_LAYERS[str(cfg.model.family)])},
+    ),
     error(
         "quant.lora_family_only",
         ["quant", "peft"],

@@ -225,7 +225,7 @@ def training_args(cfg: Any, run_dir: str, device: str, dtype: str, strat: Dict[s
         "save_strategy": "steps",
         "save_steps": t.save_steps,
         "save_total_limit": None,  # qforge rotates complete checkpoints only (trainer/checkpoints.py)
-        "optim": t.optim,
+        "optim": t.optim.value,
         "seed": cfg.seed,
         "data_seed": cfg.seed,
         "bf16": dtype == "bfloat16",

@@ -20,6 +20,10 @@ from trainer.rules import method, strategy
 
 DEEPSPEED = Requirement("deepspeed", "deepspeed", "0.14.0", "pip install 'qforge[deepspeed]'")
 WANDB = Requirement("wandb", "wandb", "0.16.0", "pip install 'qforge[wandb]'")
+# transformers builds these optimizers from bitsandbytes (8-bit and paged states, Lion, AdEMAMix).
+BNB_OPTIMIZER = Requirement("bitsandbytes", "bitsandbytes", "0.44.0", "pip install 'qforge[bnb]'")
+BNB_OPTIMIZERS = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit",
+                  "paged_lion_8bit", "paged_lion_32bit", "ademamix", "ademamix_8bit")
 
 
 def requirements(cfg: Any) -> List[Tuple[str, Requirement]]:
@@ -29,6 +33,8 @@ def requirements(cfg: Any) -> List[Tuple[str, Requirement]]:
         needed.append((f"strategy={strategy(cfg)}", DEEPSPEED))
     if cfg.logger.name.value == "wandb":
         needed.append(("logger=wandb", WANDB))
+    if cfg.train.optim.value in BNB_OPTIMIZERS:
+        needed.append((f"train.optim={cfg.train.optim.value}", BNB_OPTIMIZER))
     return needed
 
 

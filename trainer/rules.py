@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Iterable, List
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 
 class Severity(str, Enum):
@@ -27,15 +27,18 @@ class Rule:
     message: str
     fix: str
     severity: Severity = Severity.error
+    # More fields for the message and fix beyond {cfg} (e.g. which keys), computed only when violated.
+    details: Optional[Callable[[Any], Dict[str, Any]]] = None
 
     def check(self, cfg: Any) -> Violation | None:
         if not self.violated(cfg):
             return None
+        extra = self.details(cfg) if self.details else {}
         return Violation(
             rule_id=self.id,
             severity=self.severity,
-            message=self.message.format(cfg=cfg),
-            fix=self.fix.format(cfg=cfg),
+            message=self.message.format(cfg=cfg, **extra),
+            fix=self.fix.format(cfg=cfg, **extra),
         )
 
 
@@ -50,8 +53,9 @@ class Violation:
         return f"{self.severity.value}: [{self.rule_id}] {self.message} Fix: {self.fix}"
 
 
-def error(id: str, groups: Iterable[str], violated: Callable[[Any], bool], message: str, fix: str) -> Rule:
-    return Rule(id, tuple(groups), violated, message, fix, Severity.error)
+def error(id: str, groups: Iterable[str], violated: Callable[[Any], bool], message: str, fix: str,
+          details: Optional[Callable[[Any], Dict[str, Any]]] = None) -> Rule:
+    return Rule(id, tuple(groups), violated, message, fix, Severity.error, details)
 
 
 def warning(id: str, groups: Iterable[str], violated: Callable[[Any], bool], message: str, fix: str) -> Rule:

@@ -2,10 +2,137 @@
 
 from __future__ import annotations
 
-from trainer.rules import DISTRIBUTED_STRATEGIES, error, strategy, warning
+import math
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+from omegaconf import OmegaConf
+
+from trainer.rules import DISTRIBUTED_STRATEGIES, Rule, error, strategy, warning
 from trainer.speed import NO_FUSED_LORA_STRATEGIES
 
+
+def _get(cfg: Any, key: str) -> Any:
+    return OmegaConf.select(cfg, key, throw_on_missing=False)
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A number's legal range: [low, high] (or open ends), optionally null or one sentinel value."""
+
+    key: str
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False  # low itself is not allowed
+    high_open: bool = False
+    nullable: bool = False
+    sentinel: Optional[float] = None  # e.g. max_steps=-1: unset
+    example: str = ""
+
+    def ok(self, value: Any) -> bool:
+        if value is None:
+            return self.nullable
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.sentinel is not None and value == self.sentinel:
+            return True
+        if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
+            return False
+        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+
+    def allowed(self) -> str:
+        if self.low is not None and self.high is not None:
+            opening, closing = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            text = f"in {opening}{_num(self.low)}, {_num(self.high)}{closing}"
+        elif self.low is not None:
+            text = f"{'above' if self.low_open else 'at least'} {_num(self.low)}"
+        else:
+            text = f"{'below' if self.high_open else 'at most'} {_num(self.high)}"
+        if self.sentinel is not None:
+            text = f"{_num(self.sentinel)} or {text}"
+        return f"null or {text}" if self.nullable else text
+
+    def rule(self) -> Rule:
+        return error(
+            f"range.{self.key}",
+            [self.key.split(".")[0]] if "." in self.key else [],
+            lambda cfg: not self.ok(_get(cfg, self.key)),
+            f"{self.key} must be {self.allowed()}, not {{value}}.",
+            f"set {self.key}={self.example}." if self.example else f"set {self.key} to a value {self.allowed()}.",
+            details=lambda cfg: {"value": _get(cfg, self.key)},
+        )
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def missing_keys(cfg: Any) -> List[str]:
+    """Dotted keys whose value is still Hydra's mandatory marker `???` (e.g. data.path with data=alpaca)."""
+    from omegaconf import DictConfig, ListConfig
+
+    found: List[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        keys = node.keys() if isinstance(node, DictConfig) else range(len(node))
+        for key in keys:
+            dotted = f"{prefix}{key}"
+            if OmegaConf.is_missing(node, key):
+                found.append(dotted)
+                continue
+            child = node._get_node(key)
+            if isinstance(child, (DictConfig, ListConfig)) and not child._is_none():
+                walk(child, dotted + ".")
+
+    walk(cfg, "")
+    return [k for k in found if not k.startswith("hydra.")]
+
+
+MISSING_VALUE = Rule(
+    "config.missing_value", (), lambda cfg: bool(missing_keys(cfg)),
+    "{keys} must be set: the chosen options leave {them} without a value.",
+    "set {examples} on the command line (or in an experiment file).",
+    details=lambda cfg: {"keys": ", ".join(missing_keys(cfg)),
+                         "them": "it" if len(missing_keys(cfg)) == 1 else "them",
+                         "examples": " ".join(f"{k}=..." for k in missing_keys(cfg))},
+)
+
+
+# Every number a user can set, with its legal range: a bad value is named with its key, never left to
+# a library deep inside the run (a batch of 0, a LoRA rank of 0, a sample cap of -1 that drops a record).
+BOUNDS: List[Bound] = [
+    Bound("train.batch_size", low=1, example="4"),
+    Bound("train.eval_batch_size", low=1, example="8"),
+    Bound("train.grad_accum", low=1, example="1"),
+    Bound("train.max_seq_len", low=8, example="512"),
+    Bound("train.logging_steps", low=1, example="5"),
+    Bound("train.eval_steps", low=1, example="50"),
+    Bound("train.save_steps", low=1, example="50"),
+    Bound("train.save_total_limit", low=0, example="2 (0 keeps every checkpoint)"),
+    Bound("train.max_steps", low=1, sentinel=-1, example="-1 (train by train.num_epochs) or a number of steps"),
+    Bound("train.num_epochs", low=0, low_open=True, example="1"),
+    Bound("train.warmup_ratio", low=0, high=1, high_open=True, example="0.03"),
+    Bound("train.weight_decay", low=0, example="0.0"),
+    Bound("train.max_grad_norm", low=0, example="1.0 (0 turns clipping off)"),
+    Bound("train.lr", low=0, low_open=True, example="2e-4"),
+    Bound("peft.r", low=1, example="16"),
+    Bound("peft.alpha", low=0, low_open=True, example="32"),
+    Bound("peft.dropout", low=0, high=1, high_open=True, example="0.05"),
+    Bound("peft.oft_block_size", low=0, example="0 (the block size follows peft.r)"),
+    Bound("peft.freeze_trainable_layers", low=1, example="2"),
+    Bound("peft.pissa_iters", low=1, example="16"),
+    Bound("quant.group_size", low=1, example="64"),
+    Bound("data.eval_fraction", low=0, high=1, high_open=True, example="0.1"),
+    Bound("data.max_samples", low=1, nullable=True, example="null (every record) or a number of records"),
+    Bound("seed", low=0, example="42"),
+    Bound("launcher.nnodes", low=1, example="1"),
+    *(Bound(f"model.tiny.{k}", low=1, nullable=True, example="the default in trainer/schema.py")
+      for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "max_position_embeddings")),
+]
+
 RULES = [
+    MISSING_VALUE,
     error(
         "model.one_source",
         ["model"],
@@ -20,36 +147,7 @@ RULES = [
         "model.device_map=auto splits one model over devices for inference and cannot train.",
         "set model.device_map=null and use a strategy (fsdp, zero3) to spread training over GPUs.",
     ),
-    error(
-        "train.length",
-        ["train"],
-        lambda cfg: cfg.do_train and cfg.train.max_steps <= 0 and cfg.train.num_epochs <= 0,
-        "training needs a length: train.max_steps and train.num_epochs are both unset.",
-        "set train.max_steps=N (steps win when set) or train.num_epochs=N.",
-    ),
-    error(
-        "train.positive_sizes",
-        ["train"],
-        lambda cfg: min(cfg.train.batch_size, cfg.train.eval_batch_size, cfg.train.grad_accum,
-                        cfg.train.max_seq_len, cfg.train.logging_steps, cfg.train.save_steps,
-                        cfg.train.eval_steps) < 1,
-        "batch sizes, grad_accum, max_seq_len and the logging/eval/save intervals must be at least 1.",
-        "check the train.* values you set.",
-    ),
-    error(
-        "train.lr",
-        ["train"],
-        lambda cfg: not cfg.train.lr > 0,
-        "train.lr must be positive, not {cfg.train.lr}.",
-        "set train.lr to a positive number such as 2e-4.",
-    ),
-    error(
-        "data.eval_fraction",
-        ["data"],
-        lambda cfg: not 0 <= cfg.data.eval_fraction < 1,
-        "data.eval_fraction must be in [0, 1), not {cfg.data.eval_fraction}.",
-        "set data.eval_fraction=0.1, or 0 together with do_eval=false.",
-    ),
+    *(bound.rule() for bound in BOUNDS),
     error(
         "data.eval_needs_split",
         ["data"],

@@ -90,6 +90,28 @@ class Scheduler(str, Enum):
     constant_with_warmup = "constant_with_warmup"
 
 
+class Optimizer(str, Enum):
+    """transformers' optimizer names that train here (TPU/NPU-only and research ones left out)."""
+
+    adamw_torch = "adamw_torch"
+    adamw_torch_fused = "adamw_torch_fused"
+    adafactor = "adafactor"
+    sgd = "sgd"
+    adagrad = "adagrad"
+    rmsprop = "rmsprop"
+    # bitsandbytes' optimizers (8-bit states, paged states that spill to host memory)
+    adamw_8bit = "adamw_8bit"
+    adamw_bnb_8bit = "adamw_bnb_8bit"
+    paged_adamw_8bit = "paged_adamw_8bit"
+    paged_adamw_32bit = "paged_adamw_32bit"
+    lion_8bit = "lion_8bit"
+    lion_32bit = "lion_32bit"
+    paged_lion_8bit = "paged_lion_8bit"
+    paged_lion_32bit = "paged_lion_32bit"
+    ademamix = "ademamix"
+    ademamix_8bit = "ademamix_8bit"
+
+
 @dataclass
 class TinyArch:
     """Shape of the embedded tiny Llama-architecture model (random weights, built locally)."""
@@ -232,7 +254,7 @@ class TrainLoop:
     eval_steps: int = 50
     save_steps: int = 50
     save_total_limit: int = 2
-    optim: str = "adamw_torch"
+    optim: Optimizer = Optimizer.adamw_torch
     resume: str = "auto"
 
 

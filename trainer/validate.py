@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, List, TextIO
 
 from trainer.rules import Severity, Violation, all_rules
+from trainer.run_rules import MISSING_VALUE
 
 
 @dataclass
@@ -25,7 +26,14 @@ class Report:
 
 def validate(cfg: Any) -> Report:
     report = Report()
+    missing = MISSING_VALUE.check(cfg)
+    if missing is not None:
+        # The other rules read those values; reporting them on a half-set config would only mislead.
+        report.errors.append(missing)
+        return report
     for rule in all_rules():
+        if rule is MISSING_VALUE:
+            continue
         violation = rule.check(cfg)
         if violation is None:
             continue

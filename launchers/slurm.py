@@ -54,15 +54,14 @@ def submit(cfg: Any, plan: RunPlan, overrides: List[str]) -> None:
     problems = check_settings(cfg.launcher.slurm)
     if problems:
         raise UserError(" ".join(f"[{p.rule_id}] {p.message} Fix: {p.fix}" for p in problems))
-    fresh = not Path(plan.run_dir).exists()
+    made = rundir.dirs_to_make(Path(plan.run_dir))
     rundir.create(plan.run_dir, cfg, overrides, plan.to_dict())
     job = SlurmJob(0, without_run_dir(overrides), plan.run_dir)
     log_dir = Path(plan.run_dir) / "slurm"
     try:
         job_id = submit_array(cfg.launcher.slurm, [job], log_dir)
     except UserError:
-        if fresh:  # nothing was queued: leave no run dir that looks like a run behind
-            shutil.rmtree(plan.run_dir, ignore_errors=True)
+        rundir.remove_made(made)  # nothing was queued: leave no run dir that looks like a run behind
         raise
     print(f"qforge: submitted Slurm job {job_id}_0; run dir {plan.run_dir}\n"
           f"qforge: log {log_dir}/{job_id}_0.out; watch with: squeue -j {job_id}", file=sys.stderr)
@@ -178,9 +177,25 @@ def sbatch(script: Path, *options: str) -> str:
                         "run there, or use launcher=local or launcher=torchrun here.")
     result = subprocess.run(["sbatch", "--parsable", *options, str(script)], capture_output=True, text=True)
     if result.returncode != 0:
-        raise UserError(f"sbatch refused {script}: {result.stderr.strip()} Fix: check launcher.slurm "
-                        "(partition, account, qos, time, gpus_per_node) against `sinfo` and your cluster's limits.")
+        raise UserError(sbatch_refusal(result.stderr, script))
     return result.stdout.strip().split(";")[0]
+
+
+# What sbatch prints when this host has no working Slurm client configuration or no controller to talk to.
+_NO_CLUSTER = ("configuration source", "slurm.conf", "unable to contact slurm controller", "connection refused",
+               "could not establish", "munge", "authentication", "cannot connect", "zero bytes were transmitted")
+
+
+def sbatch_refusal(stderr: str, script: Path) -> str:
+    """One sentence for a failed sbatch: no reachable cluster, or a job the cluster refused."""
+    lines = [line.strip() for line in stderr.strip().splitlines() if line.strip()]
+    reason = (lines[-1] if lines else "no message").removeprefix("sbatch: ").removeprefix("error: ")
+    reason = reason.removeprefix("fatal: ").rstrip(".")
+    if any(marker in stderr.lower() for marker in _NO_CLUSTER):
+        return (f"sbatch on this host cannot reach a Slurm cluster ({reason}); submit from a login node of your "
+                "cluster (where `sinfo` answers), or use launcher=local or launcher=torchrun here.")
+    return (f"the cluster refused the job ({reason}); check launcher.slurm (partition, account, qos, time, "
+            f"gpus_per_node) against `sinfo` and your cluster's limits; the script is {script}.")
 
 
 def job_states(job_id: str) -> Optional[Dict[int, str]]:

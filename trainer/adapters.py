@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Union
 
+from trainer.errors import UserError
 from trainer.rules import peft_method
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,14 @@ def attach(model: Any, cfg: Any) -> Any:
         config = OFTConfig(task_type=TaskType.CAUSAL_LM, **kwargs)
     else:
         config = LoraConfig(task_type=TaskType.CAUSAL_LM, **kwargs)
-    return get_peft_model(model, config)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        if "Target module" not in str(err) and "target_modules" not in str(err):
+            raise
+        names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and not list(m.children())})
+        raise UserError(f"peft.target_modules={list(cfg.peft.target_modules)} names no layer of this model; use "
+                        f"all-linear or some of: {', '.join(names[:24])}.") from None
 
 
 def _freeze_all_but_last(model: Any, n_layers: int) -> Any:

@@ -29,7 +29,11 @@ def read_records(path: str) -> List[Dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"data file {path} does not exist; set data.path to an existing JSON or JSONL file.")
-    text = file.read_text(encoding="utf-8")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path} is not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x}); save the file "
+                        "as UTF-8, e.g. with: iconv -f latin1 -t utf-8 in.jsonl > out.jsonl.") from None
     if file.suffix == ".json" or text.lstrip().startswith("["):
         try:
             records = json.loads(text)

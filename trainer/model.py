@@ -41,6 +41,9 @@ def load_tokenizer(cfg: Any, source: str) -> Any:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=bool(cfg.model.trust_remote_code))
     except OSError as err:
         raise UserError(_unreachable(source, err)) from None
+    except Exception as err:  # noqa: BLE001 - a damaged file surfaces as whatever its parser raises
+        raise UserError(f"could not load the tokenizer of {source} ({_first_line(err)}); its tokenizer files are "
+                        "damaged or incomplete: copy them again from the original model.") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -95,8 +98,12 @@ def prepare_for_training(model: Any, cfg: Any, quantized: bool) -> Any:
     return model
 
 
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def _unreachable(source: str, err: Exception) -> str:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = _first_line(err)
     return (f"could not load model {source} ({first}); this machine cannot download it, so copy the "
             "model to a local directory and set model.name_or_path to it.")
 

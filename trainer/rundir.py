@@ -7,6 +7,8 @@ nothing; this module creates the dir and writes `.hydra/` the way Hydra would.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -22,17 +24,51 @@ def is_finished(run_dir: str) -> bool:
 
 
 def create(run_dir: str, cfg: Any, overrides: List[str], plan: Dict[str, Any]) -> Path:
+    """Make a fresh run dir, or take up an interrupted one (trainer/inputs.py checked it is the same run).
+
+    An interrupted run keeps the config and overrides it was started with; only its plan is written again
+    (same composition, but the machine it resumes on decides e.g. the GPU count).
+    """
     path = Path(run_dir)
     if is_finished(run_dir):
         raise UserError(f"run dir {run_dir} already holds a finished run ({FINISHED_MARKER}); "
                         "leave run_dir unset for a fresh dir, or pick a new one.")
     hydra_dir = path / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
-    (hydra_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    (hydra_dir / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-    (hydra_dir / "plan.json").write_text(json.dumps(plan, indent=2, default=str) + "\n")
+    if not (hydra_dir / "config.yaml").is_file():
+        _write_atomic(hydra_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+        _write_atomic(hydra_dir / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
+    _write_atomic(hydra_dir / "plan.json", json.dumps(plan, indent=2, default=str) + "\n")
     return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # A unique temp name: every node of a multi-node launch may write the same file at once.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def resolved_config(cfg: Any) -> Dict[str, Any]:
     return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)  # type: ignore[return-value]
+
+
+def dirs_to_make(path: Path) -> List[Path]:
+    """The dirs (deepest first) that creating `path` will make: the ones a failed start may remove again."""
+    made = []
+    while not path.exists():
+        made.append(path)
+        path = path.parent
+    return made
+
+
+def remove_made(made: List[Path]) -> None:
+    """Undo a start that failed before anything worth keeping: the run dir, then its new parents while empty."""
+    if not made:
+        return
+    shutil.rmtree(made[0], ignore_errors=True)
+    for parent in made[1:]:  # e.g. outputs/<date>/ made for this run
+        try:
+            parent.rmdir()
+        except OSError:
+            break

@@ -12,11 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import sys
+from pathlib import Path
 from typing import Any, Dict, List
 
-from trainer import rundir
+from trainer import checkpoints, rundir
 from trainer.plan import RunPlan
+from trainer.preemption import INTERRUPT_EXIT_CODE
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +34,21 @@ def run_torchrun(cfg: Any, plan: RunPlan, overrides: List[str]) -> None:
     if is_child():
         run_rank(cfg, plan)
         return
+    made = rundir.dirs_to_make(Path(plan.run_dir))
     rundir.create(plan.run_dir, cfg, overrides, plan.to_dict())
     argv = torchrun_argv(plan.launcher, child_overrides(overrides, plan.run_dir))
     log.info("run dir: %s", plan.run_dir)
     log.info("torchrun %s", " ".join(shlex.quote(a) for a in argv))
-    code = _run_agent(argv)
+    try:
+        code = _run_agent(argv)
+    except KeyboardInterrupt:
+        from launchers.local import interrupted_line
+
+        line = interrupted_line(overrides, plan.run_dir)
+        if not checkpoints.complete_checkpoints(checkpoints.checkpoint_dir(plan.run_dir)):
+            rundir.remove_made(made)
+        print(line, file=sys.stderr)
+        sys.exit(INTERRUPT_EXIT_CODE)
     if code != 0:
         print(f"qforge: torchrun failed (exit code {code}); the failing rank's error is printed above "
               f"and the run dir {plan.run_dir} is kept, so re-running the same command resumes it.",
@@ -69,6 +82,7 @@ def torchrun_argv(launcher: Dict[str, Any], overrides: List[str]) -> List[str]:
 
 def _run_agent(argv: List[str]) -> int:
     """Run torchrun's agent here; a failed rank becomes a summary line, not the agent's traceback."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -77,7 +91,15 @@ def _run_agent(argv: List[str]) -> int:
     try:
         run(parse_args(argv))
         return 0
+    except SignalException as err:
+        # Ctrl-C (or a SIGTERM) reached the agent; it passed it on and waited for the ranks to stop.
+        if err.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        print(f"qforge: torchrun stopped by signal {err.sigval.name}; the ranks were stopped.", file=sys.stderr)
+        return 128 + int(err.sigval)
     except ChildFailedError as err:
+        if all(f.exitcode == INTERRUPT_EXIT_CODE for f in err.failures.values()):
+            raise KeyboardInterrupt from None  # every rank stopped on Ctrl-C at a checkpoint
         for rank, failure in sorted(err.failures.items()):
             print(f"qforge: rank {rank} (pid {failure.pid}) exited with code {failure.exitcode}", file=sys.stderr)
         codes = [f.exitcode for f in err.failures.values() if f.exitcode and f.exitcode > 0]
@@ -99,7 +121,10 @@ def run_rank(cfg: Any, plan: RunPlan) -> None:
         _log_to_file(plan.run_dir)
     else:
         logging.getLogger().setLevel(logging.WARNING)
-    train(cfg, plan)
+    try:
+        train(cfg, plan)
+    except KeyboardInterrupt:
+        sys.exit(INTERRUPT_EXIT_CODE)  # the launcher prints the one line; a rank prints no traceback
 
 
 if __name__ == "__main__":

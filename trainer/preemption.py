@@ -1,4 +1,4 @@
-"""Stop a run cleanly on a warning (preemption, walltime): checkpoint at a step boundary, exit 0.
+"""Stop a run cleanly on a warning (preemption, walltime) or a Ctrl-C: checkpoint at a step boundary, then exit.
 
 A stop is requested by the warning signal (launcher.slurm.signal's name, USR2 by default) delivered
 to a rank, or by the file STOP_REQUEST in the run dir (slurm/train.sbatch touches it when Slurm sends
@@ -7,6 +7,11 @@ the signal to the batch script; a user may touch it by hand). At every optimizer
 complete, rank 0 writes PREEMPTED and every rank exits 0. Requeueing is not done here: the sbatch
 script owns it, so exactly one component requeues. Each attempt's first and last step and how many
 steps it trained go to attempts.jsonl, which shows that no step is trained twice across requeues.
+
+Ctrl-C (SIGINT) takes the same path without the requeue: the ranks stop at the next step, the checkpoint is
+made complete, and RunInterrupted reaches the launcher, which prints one line with the resume command and exits
+130. A second Ctrl-C (more than a second later: under torchrun the agent passes the first one on) stops at once;
+the newest complete checkpoint stays the one a resume takes.
 """
 
 from __future__ import annotations
@@ -26,6 +31,16 @@ log = logging.getLogger(__name__)
 STOP_REQUEST = ".qforge_stop_request"
 PREEMPTED = ".qforge_preempted"
 ATTEMPTS = "attempts.jsonl"
+INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, what a shell reports for a Ctrl-C
+_REPEAT_GRACE_SECONDS = 1.0
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C, handled: a complete checkpoint of `step` exists (step None: stopped before one was made)."""
+
+    def __init__(self, step: Optional[int]) -> None:
+        super().__init__(f"interrupted at step {step}")
+        self.step = step
 
 
 # launcher.slurm.signal: SIGNAL[@SECONDS], as sbatch's --signal takes it (B: allowed, SIG optional).
@@ -66,7 +81,9 @@ def preemption_callback(cfg: Any, run_dir: str) -> Any:
 
         def __init__(self) -> None:
             self.signalled = False
+            self.interrupted_at: Optional[float] = None
             self.stopping = False
+            self.interrupting = False
             self.first_step = 0
             self.steps_trained = 0
             self.started = time.time()
@@ -75,19 +92,35 @@ def preemption_callback(cfg: Any, run_dir: str) -> Any:
         def _on_signal(self, signum: int, frame: Any) -> None:
             self.signalled = True  # only a flag: the step boundary does the work
 
+        def _on_interrupt(self, signum: int, frame: Any) -> None:
+            now = time.monotonic()
+            if self.interrupted_at is None:
+                self.interrupted_at = now
+                log.warning("Ctrl-C: checkpointing at the next step, then stopping (Ctrl-C again to stop at once)")
+            elif now - self.interrupted_at > _REPEAT_GRACE_SECONDS:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             # The Trainer has loaded a resumed checkpoint's state by now: global_step is where we start.
             self.first_step = state.global_step
-            if self.sig is not None and threading.current_thread() is threading.main_thread():
-                signal.signal(self.sig, self._on_signal)
+            if threading.current_thread() is threading.main_thread():
+                if self.sig is not None:
+                    signal.signal(self.sig, self._on_signal)
+                signal.signal(signal.SIGINT, self._on_interrupt)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             self.steps_trained += 1
             if state.max_steps and state.global_step >= state.max_steps:
                 return  # the last step: finishing costs less than a requeue
-            if self._all_agree(self.signalled or (Path(run_dir) / STOP_REQUEST).exists(), args):
-                log.warning("stop requested: checkpointing at step %d, then exiting for requeue", state.global_step)
+            preempt = self.signalled or (Path(run_dir) / STOP_REQUEST).exists()
+            reasons = self._all_agree((1 if preempt else 0) | (2 if self.interrupted_at is not None else 0), args)
+            if reasons:
                 self.stopping = True
+                self.interrupting = bool(reasons & 2)
+                if not self.interrupting:
+                    log.warning("stop requested: checkpointing at step %d, then exiting for requeue",
+                                state.global_step)
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -99,6 +132,11 @@ def preemption_callback(cfg: Any, run_dir: str) -> Any:
             distributed = dist.is_available() and dist.is_initialized()
             if distributed:
                 dist.barrier()  # the checkpoint is complete on every rank (and marked by rank 0)
+            if self.interrupting:
+                if state.is_world_process_zero:
+                    self._record(state.global_step, "interrupted")
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise RunInterrupted(state.global_step)
             if state.is_world_process_zero:
                 self._record(state.global_step, "preempted")
                 marker = {"step": state.global_step, "checkpoint": f"checkpoint-{state.global_step}"}
@@ -110,6 +148,8 @@ def preemption_callback(cfg: Any, run_dir: str) -> Any:
             raise SystemExit(0)
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, signal.default_int_handler)  # eval and saving: Ctrl-C stops at once
             if state.is_world_process_zero and not self.stopping:
                 self._record(state.global_step, "finished")
 
@@ -127,16 +167,16 @@ def preemption_callback(cfg: Any, run_dir: str) -> Any:
                 f.write(json.dumps(entry) + "\n")
 
         @staticmethod
-        def _all_agree(local: bool, args: Any) -> bool:
-            """True on every rank if any rank wants to stop, so all ranks stop at the same step."""
+        def _all_agree(local: int, args: Any) -> int:
+            """The reasons to stop (bit flags) of all ranks together, so all ranks stop at the same step."""
             import torch
             import torch.distributed as dist
 
             if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
                 return local
-            flag = torch.tensor([1 if local else 0], device=args.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            return bool(flag.item())
+            flags = torch.tensor([local & 1, (local >> 1) & 1], device=args.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            return int(flags[0].item()) | (int(flags[1].item()) << 1)
 
     return PreemptionCallback()
 

@@ -16,8 +16,9 @@ from trainer import checkpoints, preemption, preflight, speed, strategies
 from trainer.data import load_examples
 from trainer.model import load_for_training, load_tokenizer, model_source
 from trainer.plan import RunPlan
+from trainer.run_loss import NothingLeftToTrain, loss_callback
 from trainer.rundir import resolved_config
-from trainer.tracking import make_wandb_callback, plot_losses, write_metrics
+from trainer.tracking import make_wandb_callback, plot_losses, wandb_mode, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,10 @@ def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[
     if plan.device == "cpu":
         # Named, not detected: DeepSpeed (imported by the Trainer) otherwise warns that it found no GPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+    # Decided before anything heavy: with logger.mode=online and no route to wandb, the run stops here.
+    wandb_mode_now = wandb_mode(cfg.logger.mode.value, plan.run_dir) \
+        if cfg.logger.name.value == "wandb" and int(os.environ.get("RANK", "0")) == 0 else None
 
     # Data first: a bad file costs a second here, not a model load.
     tokenizer = load_tokenizer(cfg, model_source(cfg))
@@ -40,14 +45,24 @@ def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[
     set_seed(cfg.seed)
     model, tokenizer = load_for_training(cfg, plan)
     strategies.prepare_process_group(plan)
-    args = TrainingArguments(**strategies.training_arguments(plan))
     metrics: Dict[str, Any] = {}
-    # Preemption after completeness: it exits in on_save, once the checkpoint is marked complete.
-    callbacks = [checkpoints.completeness_callback(cfg.train.save_total_limit), strategies.memory_callback(metrics),
-                 preemption.preemption_callback(cfg, plan.run_dir), *speed.callbacks(cfg), *extra_callbacks]
+    key = checkpoints.signing_key(cfg.output_root)
+    resume_from = checkpoints.resume_path(cfg.train.resume, plan.run_dir, key) if cfg.do_train else None
+    # The eval before training runs inside train(), once the strategy has wrapped the model: transformers 5.17 /
+    # accelerate 1.15 never wrap a model in DDP once Trainer.evaluate() has prepared it for evaluation, so an
+    # evaluate() first made every DDP rank train on its own (no gradient all-reduce). A resumed attempt keeps
+    # the first attempt's figure (its log history holds it).
+    args = TrainingArguments(**strategies.training_arguments(plan),
+                             eval_on_start=bool(cfg.do_eval and cfg.do_train and not resume_from))
+    # Order matters in on_save: the loss sum is written into the checkpoint before it is marked complete,
+    # and preemption exits only once it is.
+    run_loss = loss_callback(resume_from)
+    callbacks = [run_loss, checkpoints.completeness_callback(cfg.train.save_total_limit, key),
+                 strategies.memory_callback(metrics), preemption.preemption_callback(cfg, plan.run_dir),
+                 *speed.callbacks(cfg), *extra_callbacks]
     wandb_cb = None
     if cfg.logger.name.value == "wandb":
-        wandb_cb = make_wandb_callback(cfg, plan, resolved_config(cfg))
+        wandb_cb = make_wandb_callback(cfg, plan, resolved_config(cfg), wandb_mode_now or "disabled")
         callbacks.append(wandb_cb)
     # Packed rows (train.packing) or padded examples; speed.py says why either is the same loss.
     train_set, eval_set, collator = speed.training_data(cfg, tokenizer, train_examples, eval_examples)
@@ -60,32 +75,33 @@ def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[
         processing_class=tokenizer,  # packed rows have no attention mask: tokens seen = ids != pad
         callbacks=callbacks,
     )
+    run_loss.attach(trainer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
-    # The Trainer cannot evaluate an FSDP2 or DeepSpeed model before train() has wrapped it together
-    # with its optimizer (accelerate refuses FSDP2; DeepSpeed's inference engine breaks the training one).
-    if cfg.do_eval and plan.strategy["name"] in ("single", "ddp"):
-        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
     if cfg.do_train:
-        resume_from = checkpoints.resume_path(cfg.train.resume, plan.run_dir)
         if resume_from:
             log.info("resuming from %s", resume_from)
             metrics["resumed_from_step"] = checkpoints.step_of(Path(resume_from))
         train_started = time.monotonic()
-        result = trainer.train(resume_from_checkpoint=resume_from)
+        try:
+            trainer.train(resume_from_checkpoint=resume_from)
+        except NothingLeftToTrain:
+            log.info("%s is the run's last step: nothing left to train", resume_from)
         train_seconds = time.monotonic() - train_started
         tokens = int(trainer.state.num_input_tokens_seen)
         metrics.update({
-            # After a resume the Trainer averages only the steps of this attempt; the restored log
-            # history covers the whole run, so a resumed run reports the mean of all logged losses.
-            "train_loss": _whole_run_train_loss(trainer.state.log_history) if resume_from else result.training_loss,
+            # The whole run's mean step loss over the ranks, also after a resume (run_loss.py says how).
+            "train_loss": run_loss.train_loss(trainer.state.global_step),
             "steps": trainer.state.global_step,
             "train_tokens": tokens,
             "train_seconds": train_seconds,
             "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
         })
     if cfg.do_eval:
+        before = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == 0]
+        if before:
+            metrics["eval_loss_before"] = before[0]
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
 
     metrics.update(_memory())
@@ -117,11 +133,6 @@ def _weights_dir(cfg: Any, plan: RunPlan) -> str:
     """adapter/ for adapter methods; model/ where the base weights themselves were trained."""
     adapter_based = cfg.peft.method.value not in ("full", "freeze")
     return os.path.join(plan.run_dir, "adapter" if adapter_based else "model")
-
-
-def _whole_run_train_loss(history: Sequence[Dict[str, Any]]) -> float:
-    losses = [h["loss"] for h in history if "loss" in h]
-    return sum(losses) / len(losses) if losses else float("nan")
 
 
 def _save_outputs(cfg: Any, plan: RunPlan, trainer: Any, tokenizer: Any, metrics: Dict[str, Any]) -> None:

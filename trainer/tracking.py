@@ -59,16 +59,55 @@ def plot_losses(run_dir: str, history: List[Dict[str, Any]], title: str,
     return path
 
 
-def wandb_mode(requested: str) -> str:
-    """auto: online only when an API key is configured; never prompt for one."""
-    if requested != "auto":
+DEFAULT_WANDB_SERVER = "https://api.wandb.ai"
+PROBE_SECONDS = 3.0
+
+
+def wandb_server() -> str:
+    return os.environ.get("WANDB_BASE_URL") or DEFAULT_WANDB_SERVER
+
+
+def server_reachable(url: str, timeout: float = PROBE_SECONDS) -> bool:
+    """Can this host open a TCP connection to the wandb server? (Compute nodes often have no internet.)"""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url if "://" in url else f"https://{url}")
+    port = parsed.port or (80 if parsed.scheme == "http" else 443)
+    try:
+        with socket.create_connection((parsed.hostname or "", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wandb_mode(requested: str, run_dir: str) -> str:
+    """The mode this rank logs in; never prompts. Decided before the model loads.
+
+    auto: online when an API key is configured and the wandb server answers from this host; with a key but
+    no route to the server (a compute node without internet), offline with one warning line, to be synced
+    later. online: the same check, but no route stops the run with one sentence. offline, disabled: as said.
+    """
+    if requested in ("offline", "disabled"):
         return requested
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "online":
+    wants_online = requested == "online" or bool(os.environ.get("WANDB_API_KEY")) \
+        or os.environ.get("WANDB_MODE") == "online"
+    if not wants_online:
+        return "offline"
+    server = wandb_server()
+    if server_reachable(server):
         return "online"
+    if requested == "online":
+        from trainer.errors import UserError
+
+        raise UserError(f"logger.mode=online, but the wandb server {server} cannot be reached from this host; "
+                        "use logger.mode=auto (logs offline here, sync later) or logger.mode=offline.")
+    log.warning("wandb: %s cannot be reached from this host; logging offline into %s/wandb (sync later with: "
+                "wandb sync %s/wandb/offline-run-*)", server, run_dir, run_dir)
     return "offline"
 
 
-def make_wandb_callback(cfg: Any, plan: Any, resolved_config: Dict[str, Any]) -> Any:
+def make_wandb_callback(cfg: Any, plan: Any, resolved_config: Dict[str, Any], mode: str) -> Any:
     from transformers import TrainerCallback
 
     class WandbCallback(TrainerCallback):
@@ -85,7 +124,6 @@ def make_wandb_callback(cfg: Any, plan: Any, resolved_config: Dict[str, Any]) ->
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            mode = wandb_mode(cfg.logger.mode.value)
             run_id_file = Path(plan.run_dir) / "wandb_run_id"
             # A requeued or resumed run continues the same wandb run instead of starting a new one.
             run_id = run_id_file.read_text().strip() if run_id_file.exists() else secrets.token_hex(4)

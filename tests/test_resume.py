@@ -25,6 +25,7 @@ from trainer.errors import UserError
 # well before the end (step 8, seven saves later) even on a fast machine. Checkpoints do not change what
 # is trained, so the uninterrupted reference (saving every 4) is still step-for-step comparable.
 KILLED_SAVE_STEPS = 1
+KEY = b"k" * 32  # a checkpoint key for the hand-made checkpoints below
 
 
 def _kill_after_first_checkpoint(cmd: list, run_dir: Path, env: dict) -> None:
@@ -78,6 +79,8 @@ def test_killed_run_resumes_exactly(strategy: str, cpu_env: dict, tmp_path: Path
     assert after.keys() == ref.keys() and after
     for step in after:
         assert after[step] == pytest.approx(ref[step], rel=1e-4), (step, after[step], ref[step])
+    # The whole run's mean step loss, not this attempt's: the checkpoint carried the sum of the steps before it.
+    assert m["train_loss"] == pytest.approx(reference["train_loss"], rel=1e-5)
     resumed_adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     reference_adapter = load_file(str(reference_dir / "adapter" / "adapter_model.safetensors"))
     assert resumed_adapter.keys() == reference_adapter.keys()
@@ -89,12 +92,35 @@ def test_killed_run_resumes_exactly(strategy: str, cpu_env: dict, tmp_path: Path
     assert again.returncode != 0 and "finished run" in again.stderr and "Traceback" not in again.stderr
 
 
+def test_a_run_killed_before_its_outputs_resumes_to_exactly_max_steps(tmp_path: Path) -> None:
+    """Killed after its last checkpoint, before metrics.json: the re-run trains no step past max_steps."""
+    from tests.conftest import run_cli
+
+    args = ["quant=none", "train.max_steps=12", "train.save_steps=6", "train.eval_steps=12", "train.lr=1e-3",
+            "train.scheduler=constant", f"output_root={tmp_path}", f"run_dir={tmp_path / 'run'}"]
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    finished = metrics(run_dir)
+    adapter = (run_dir / "adapter" / "adapter_model.safetensors").read_bytes()
+    (run_dir / "metrics.json").unlink()  # as if killed between the step-12 checkpoint and the outputs
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = metrics(run_dir)
+    assert resumed["resumed_from_step"] == 12 and resumed["steps"] == finished["steps"] == 12
+    assert resumed["train_loss"] == pytest.approx(finished["train_loss"], rel=1e-6)
+    assert resumed["eval_loss"] == pytest.approx(finished["eval_loss"], rel=1e-6)
+    # A constant schedule: one more step would have moved the weights.
+    assert (run_dir / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
+
 def _fake_checkpoint(root: Path, step: int, complete: bool) -> Path:
     path = root / f"checkpoint-{step}"
     path.mkdir(parents=True)
     (path / "trainer_state.json").write_text("{}")
     if complete:
-        checkpoints.mark_complete(path, step)
+        checkpoints.mark_complete(path, step, KEY)
     return path
 
 
@@ -103,7 +129,7 @@ def test_resume_picks_the_newest_complete_checkpoint(tmp_path: Path) -> None:
     _fake_checkpoint(root, 4, complete=True)
     _fake_checkpoint(root, 10, complete=True)
     torn = _fake_checkpoint(root, 12, complete=False)  # the save a crash interrupted
-    assert checkpoints.resume_path("auto", str(tmp_path)) == str(root / "checkpoint-10")
+    assert checkpoints.resume_path("auto", str(tmp_path), KEY) == str(root / "checkpoint-10")
     assert not torn.exists()  # discarded so the re-run's save of step 12 starts clean
     assert checkpoints.resume_path("never", str(tmp_path)) is None
     assert checkpoints.resume_path(str(root / "checkpoint-4"), str(tmp_path)) == str(root / "checkpoint-4")

@@ -90,9 +90,17 @@ def test_dry_run_shows_the_launch(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_failing_rank_fails_the_launch_with_its_own_message(tmp_path: Path) -> None:
-    (tmp_path / "not-a-model").mkdir()
+    """A problem only a rank can find (a tokenizer.json that is JSON but no tokenizer) is the rank's sentence."""
+    import shutil
+
+    from trainer.compose import compose
+    from trainer.tiny import ensure_tiny_model
+
+    model = tmp_path / "model"
+    shutil.copytree(ensure_tiny_model(compose([]).model.tiny), model)
+    (model / "tokenizer.json").write_text('{"not": "a tokenizer"}')
     failed = run_cli("launcher=torchrun", "launcher.nproc_per_node=2", "strategy=ddp", "model=local",
-                     f"model.name_or_path={tmp_path / 'not-a-model'}", f"run_dir={tmp_path / 'run'}", timeout=300)
+                     f"model.name_or_path={model}", f"run_dir={tmp_path / 'run'}", timeout=300)
     assert failed.returncode == 1  # the rank's own exit code (a UserError), passed on by the parent
-    assert "has no config.json" in failed.stderr and "torchrun failed (exit code 1)" in failed.stderr
+    assert "could not load the tokenizer" in failed.stderr and "torchrun failed (exit code 1)" in failed.stderr
     assert "Traceback" not in failed.stderr

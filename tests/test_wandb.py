@@ -46,3 +46,15 @@ def test_no_secret_reaches_the_run_dir(output_root: Path) -> None:
     for path in run_dir.rglob("*"):
         if path.is_file() and path.suffix in (".yaml", ".json", ".wandb", ".log", ".txt"):
             assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_key_without_a_route_to_wandb_logs_offline_with_one_warning(output_root: Path) -> None:
+    """logger.mode=auto with WANDB_API_KEY set on a host that cannot reach the server (a compute node)."""
+    result = run_cli("logger=wandb", "train.max_steps=2", "do_eval=false", "data.eval_fraction=0",
+                     f"output_root={output_root}",
+                     env={"WANDB_API_KEY": "fake-key-for-test", "WANDB_BASE_URL": "http://127.0.0.1:9"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(output_root)
+    warned = [line for line in result.stderr.splitlines() if "cannot be reached from this host" in line]
+    assert len(warned) == 1 and "wandb sync" in warned[0] and "Traceback" not in result.stderr
+    assert list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))  # logged offline, to sync later

@@ -12,6 +12,10 @@ import warnings
 # peft 0.21's PeftModel.__init__ reads model.is_gradient_checkpointing, which transformers >= 5.23 deprecates;
 # qforge itself uses the new names (plan.checkpointing_argument).
 _WARNINGS = [(FutureWarning, r"`is_gradient_checkpointing` is deprecated")]
+# aqlm 1.1.7 (imported by peft whenever it is installed) compiles helpers with torch.jit.script at import, which
+# torch 2.14 deprecates with a FutureWarning (2.13: a DeprecationWarning).
+_WARNINGS += [(category, r"`torch\.jit\.script(_method)?` is deprecated") for category in (FutureWarning,
+                                                                                             DeprecationWarning)]
 
 # bitsandbytes 0.50 on AVX512-BF16 CPUs tries to load an optional inference kernel at import; qforge never
 # takes that path (quant/bnb.keep_training_layout), so its absence is no news.

@@ -96,7 +96,7 @@ def main(argv: List[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from trainer import run as qforge_run
     from trainer.compose import compose
-    from trainer.entry import configure_logging
+    from trainer.log import configure_logging
     from trainer.plan import build_plan
 
     configure_logging()
@@ -109,7 +109,7 @@ def main(argv: List[str] | None = None) -> int:
     item = {"data": str(data), "max_len": spec["max_len"], "batch": spec["batch"]}
     cfg = compose(qforge_overrides(job, item, list(args.overrides)))
     probe = StepProbe(profile_at=3, saved_at=5, rows=args.rows)
-    qforge_run.train(cfg, build_plan(cfg), extra_callbacks=[probe.callback()])
+    qforge_run.train(build_plan(cfg), extra_callbacks=[probe.callback()])
     return 0
 
 

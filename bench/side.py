@@ -39,10 +39,11 @@ def examples_for(job: Dict[str, Any], item: Dict[str, Any]) -> tuple:
     from trainer.compose import compose
     from trainer.data import load_examples
     from trainer.model import load_tokenizer
+    from trainer.plan import build_plan
 
-    cfg = compose(qforge_overrides(job, item, []))
-    tokenizer = load_tokenizer(cfg, job["checkpoint"])
-    train, _ = load_examples(cfg, tokenizer)
+    plan = build_plan(compose(qforge_overrides(job, item, [])))
+    tokenizer = load_tokenizer(plan.model)
+    train, _ = load_examples(plan.data, tokenizer)
     return train, tokenizer
 
 
@@ -208,12 +209,13 @@ def run_qforge(job: Dict[str, Any]) -> List[Dict[str, Any]]:
             if not report.ok:
                 raise SystemExit(f"qforge rejected {variant}: {[v.line() for v in report.errors]}")
             examples, tokenizer = examples_for(job, item)
+            plan = build_plan(cfg)
             # The probe batch goes through qforge's own batching path (packed rows or padded).
-            probe_set, _, collator = speed.training_data(cfg, tokenizer, examples[: item["batch"]], [])
+            probe_set, _, collator = speed.training_data(plan.speed, plan.data.max_seq_len, plan.data.split_seed,
+                                                         tokenizer.pad_token_id, examples[: item["batch"]], [])
             meter = Meter(tokenizer.pad_token_id, collator([probe_set[i] for i in range(len(probe_set))]),
                           job["warmup"])
-            plan = build_plan(cfg)
-            metrics = qforge_run.train(cfg, plan, extra_callbacks=[meter.callback()])
+            metrics = qforge_run.train(plan, extra_callbacks=[meter.callback()])
             first = next((h["loss"] for h in metrics.get("log_history", []) if "loss" in h), float("nan"))
             results.append({"side": "qforge", "item": item["name"], "variant": variant["name"],
                             "overrides": variant["overrides"], **meter.summary(), "first_loss": first})
@@ -235,7 +237,7 @@ def _free() -> None:
 
 def main() -> None:
     job = json.loads(open(sys.argv[1]).read())
-    from trainer.entry import configure_logging
+    from trainer.log import configure_logging
 
     configure_logging()
     results = run_baseline(job) if job["side"] == "baseline" else run_qforge(job)

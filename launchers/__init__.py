@@ -1,23 +1,26 @@
-"""Launchers: run a validated plan in this process, under torchrun, or on Slurm."""
+"""Launchers: run a planned run in this process, under torchrun, or on Slurm.
+
+A launcher gets the RunPlan and what the run dir records of the composition; it creates the run dir, writes
+the plan into it, and starts the ranks, which read that plan (trainer/rank.py). Launchers never import the
+entry point (trainer/entry.py, trainer/cli.py): the entry calls them, not the other way round.
+"""
 
 from __future__ import annotations
 
-from typing import Any, List
-
 from trainer.plan import RunPlan
+from trainer.rundir import Composition
 
 
-def launch(cfg: Any, plan: RunPlan, overrides: List[str]) -> None:
-    name = cfg.launcher.name.value
-    if name == "local":
+def launch(plan: RunPlan, composition: Composition) -> None:
+    if plan.launcher.name == "local":
         from launchers.local import run_local
 
-        run_local(cfg, plan, overrides)
-    elif name == "torchrun":
+        run_local(plan, composition)
+    elif plan.launcher.name == "torchrun":
         from launchers.torchrun import run_torchrun
 
-        run_torchrun(cfg, plan, overrides)
+        run_torchrun(plan, composition)
     else:
         from launchers.slurm import submit
 
-        submit(cfg, plan, overrides)
+        submit(plan, composition)

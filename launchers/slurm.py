@@ -1,10 +1,11 @@
 """launcher=slurm: render slurm/train.sbatch for one run or a sweep's job array, submit it, optionally wait.
 
-The submitting shell returns once sbatch has answered (hydra #692) unless launcher.slurm.wait=true.
-Inside the job the same module runs each rank: the sbatch script starts torchrun on every node with
-QFORGE_CHILD=1, the rank composes the same overrides and `submit` hands it to the torchrun launcher's
-rank path. Failure semantics are the script's: it exits with training's status, so a run that raised
-ends FAILED in Slurm (hydra #1928), and it alone requeues a preempted run (see slurm/train.sbatch).
+The submitting shell returns once sbatch has answered (hydra #692) unless launcher.slurm.wait=true. The plan
+is written into the run dir at submission; inside the job the script starts torchrun on every node, and every
+rank runs `python -m trainer.rank RUN_DIR` on that plan (a requeued job reads the same one). Failure
+semantics are the script's: it exits with training's status, so a run that raised ends FAILED in Slurm
+(hydra #1928), and it alone requeues a preempted run (see slurm/train.sbatch). The cluster settings were
+checked as rules (trainer/launcher_rules.py) before anything was rendered.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Sequence
 
 from trainer import rundir
 from trainer.errors import UserError
 from trainer.plan import RunPlan
 from trainer.preemption import SIGNAL_SPEC, signal_name
-from trainer.rules import Severity, Violation
+from trainer.rundir import Composition
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE = REPO_ROOT / "slurm" / "train.sbatch"
 TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                    "DEADLINE", "PREEMPTED", "SPECIAL_EXIT", "UNKNOWN"}
-_TIME = re.compile(r"^(\d+|\d+:\d{2}|\d+:\d{2}:\d{2}|\d+-\d+|\d+-\d+:\d{2}|\d+-\d+:\d{2}:\d{2})$")
 
 
 @dataclass
@@ -44,28 +45,23 @@ class SlurmJob:
     run_dir: str
 
 
-def submit(cfg: Any, plan: RunPlan, overrides: List[str]) -> None:
-    """A single run: one job (an array of one). Inside the job, train this rank instead."""
-    from launchers.torchrun import is_child, run_rank
+def submit(plan: RunPlan, composition: Composition) -> None:
+    """A single run: one job (an array of one)."""
+    from launchers.local import without_keys
 
-    if is_child():
-        run_rank(cfg, plan)
-        return
-    problems = check_settings(cfg.launcher.slurm)
-    if problems:
-        raise UserError(" ".join(f"[{p.rule_id}] {p.message} Fix: {p.fix}" for p in problems))
+    slurm = settings(plan)
     made = rundir.dirs_to_make(Path(plan.run_dir))
-    rundir.create(plan.run_dir, cfg, overrides, plan.to_dict())
-    job = SlurmJob(0, without_run_dir(overrides), plan.run_dir)
+    rundir.create(plan, composition)
+    job = SlurmJob(0, without_keys(composition.overrides, ("run_dir",)), plan.run_dir)
     log_dir = Path(plan.run_dir) / "slurm"
     try:
-        job_id = submit_array(cfg.launcher.slurm, [job], log_dir)
+        job_id = submit_array(slurm, [job], log_dir)
     except UserError:
         rundir.remove_made(made)  # nothing was queued: leave no run dir that looks like a run behind
         raise
     print(f"qforge: submitted Slurm job {job_id}_0; run dir {plan.run_dir}\n"
           f"qforge: log {log_dir}/{job_id}_0.out; watch with: squeue -j {job_id}", file=sys.stderr)
-    if cfg.launcher.slurm.wait:
+    if slurm.wait:
         states = wait_for(job_id, 1)
         state = states.get(0, "UNKNOWN")
         print(f"qforge: job {job_id}_0 ended {state}; outputs in {plan.run_dir}", file=sys.stderr)
@@ -73,32 +69,9 @@ def submit(cfg: Any, plan: RunPlan, overrides: List[str]) -> None:
             sys.exit(1)
 
 
-def without_run_dir(overrides: Sequence[str]) -> List[str]:
-    return [o for o in overrides if not o.lstrip("+~").startswith("run_dir=")]
-
-
-def check_settings(slurm: Any) -> List[Violation]:
-    """Cluster settings sbatch would reject, or silently misread, as rule-style violations."""
-    found: List[Violation] = []
-
-    def bad(rule_id: str, message: str, fix: str) -> None:
-        found.append(Violation(rule_id, Severity.error, message, fix))
-
-    if slurm.nodes < 1 or slurm.gpus_per_node < 0 or slurm.cpus_per_task < 1:
-        bad("slurm.sizes", f"launcher.slurm needs nodes>=1, gpus_per_node>=0, cpus_per_task>=1 (got nodes="
-            f"{slurm.nodes}, gpus_per_node={slurm.gpus_per_node}, cpus_per_task={slurm.cpus_per_task}).",
-            "set them to positive counts (gpus_per_node=0 for a CPU-only job).")
-    if not _TIME.match(str(slurm.time)):
-        bad("slurm.time", f"launcher.slurm.time={slurm.time} is not a Slurm time limit.",
-            "use minutes, HH:MM:SS or D-HH:MM:SS, e.g. launcher.slurm.time=04:00:00.")
-    if signal_name(str(slurm.signal)) is None:
-        bad("slurm.signal", f"launcher.slurm.signal={slurm.signal} is not SIGNAL@SECONDS with a known signal.",
-            "use e.g. launcher.slurm.signal=USR2@120 (USR2 because NCCL may use USR1).")
-    for option in slurm.extra:
-        if not str(option).startswith("-"):
-            bad("slurm.extra", f"launcher.slurm.extra holds '{option}', which is not an sbatch option.",
-                "list sbatch options with their dashes, e.g. launcher.slurm.extra=[--exclusive].")
-    return found
+def settings(plan: RunPlan) -> Any:
+    """launcher.slurm's settings from the plan, read as attributes (slurm.partition, slurm.nodes, ...)."""
+    return SimpleNamespace(**(plan.launcher.slurm or {}))
 
 
 def sbatch_signal(spec: str) -> str:

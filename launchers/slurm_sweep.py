@@ -22,19 +22,11 @@ from typing import Any, Dict, List, NoReturn, Optional, Sequence, TextIO
 
 from omegaconf import OmegaConf
 
-from launchers.slurm import (
-    REPO_ROOT,
-    SlurmJob,
-    check_settings,
-    render_sbatch,
-    sbatch,
-    submit_array,
-    wait_for,
-    without_run_dir,
-)
+from launchers.local import without_keys
+from launchers.slurm import REPO_ROOT, SlurmJob, render_sbatch, sbatch, submit_array, wait_for
 from trainer import rundir
 from trainer.errors import UserError
-from trainer.rules import Violation
+from trainer.rules import Severity, Violation
 
 MANIFEST = "sweep.json"
 
@@ -99,22 +91,31 @@ def swept_keys(combos: Sequence[Sequence[str]]) -> List[str]:
     return varying or order
 
 
+def without_run_dir(overrides: Sequence[str]) -> List[str]:
+    return without_keys(list(overrides), ("run_dir",))
+
+
 def check_all(combos: Sequence[Sequence[str]], sweep_dir: Path) -> List[Combination]:
-    """Compose and validate every combination; nothing is created or submitted here."""
-    from trainer.compose import compose_many
+    """Compose, validate and check the inputs of every combination; nothing is created or submitted here."""
+    from trainer import inputs
+    from trainer.compose import compose_all
     from trainer.validate import validate
 
     checked = []
-    for index, (overrides, cfg) in enumerate(zip(combos, compose_many(combos))):
+    for index, (overrides, cfg) in enumerate(zip(combos, compose_all(combos))):
         combo = Combination(index, list(overrides), cfg)
         if cfg.launcher.name.value != "slurm":
             raise UserError(f"combination #{index} ({' '.join(overrides)}) does not use launcher=slurm; "
                             "a Slurm sweep cannot mix launchers: sweep each launcher separately.")
         report = validate(cfg)
-        combo.errors = report.errors + check_settings(cfg.launcher.slurm)
-        combo.warnings = report.warnings
+        combo.errors, combo.warnings = report.errors, report.warnings
         if combo.legal:
             combo.run_dir = str(sweep_dir / str(index))
+            try:
+                inputs.check(cfg, combo.run_dir)
+            except UserError as err:
+                combo.errors.append(Violation("inputs", Severity.error, str(err), "fix it and submit again."))
+                combo.run_dir = None
         checked.append(combo)
     slurm_settings = {json.dumps(OmegaConf.to_container(c.cfg.launcher.slurm), sort_keys=True) for c in checked}
     if len(slurm_settings) > 1:
@@ -162,7 +163,7 @@ def run_sweep(combos: Sequence[Sequence[str]], sweep_dir: Path, out: TextIO = sy
         assert combo.run_dir is not None
         plan = build_plan(combo.cfg, run_dir=combo.run_dir)
         plan.warnings = [v.line() for v in combo.warnings]
-        rundir.create(combo.run_dir, combo.cfg, combo.overrides, plan.to_dict())
+        rundir.create(plan, rundir.Composition.of(combo.cfg, combo.overrides))
         jobs.append(SlurmJob(combo.index, without_run_dir(combo.overrides), combo.run_dir))
     # Array tasks are numbered 0..n-1 over the legal combinations; each keeps its combination's
     # run dir <sweep dir>/<combination number>, Hydra's numbering, so gaps show where illegal ones were.

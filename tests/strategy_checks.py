@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import yaml
-
 
 def metrics(run_dir: Path) -> Dict[str, Any]:
     return json.loads((run_dir / "metrics.json").read_text())
@@ -27,34 +25,26 @@ def reload_logits(run_dir: Path) -> Any:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from tests.probes import FIXED_LOGITS_FILE
     from trainer.quant.bnb import from_pretrained as bnb_from_pretrained
 
     plan = json.loads((run_dir / ".hydra" / "plan.json").read_text())
-    cfg = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
-    from trainer.tiny import tiny_model_dir
-
-    source = cfg["model"]["name_or_path"] or str(tiny_model_dir(_tiny_arch(cfg)))
+    source = plan["model"]["source"]
     kwargs: Dict[str, Any] = {"dtype": getattr(torch, plan["compute_dtype"])}
-    bnb = plan["quant"].get("bitsandbytes_config")
+    bnb = plan["quant"]["load_kwargs"] if plan["quant"]["method"] == "bnb" else None
     # Through qforge's own bnb loader, which pins the same CPU kernels the run trained with.
     base = bnb_from_pretrained(source, bnb, kwargs) if bnb else AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    if cfg["model"].get("upcast_layernorm"):
+    if plan["model"]["upcast_layernorm"]:
         for name, module in base.named_modules():
             if "norm" in type(module).__name__.lower() or name.endswith("norm"):
                 module.to(torch.float32)
     model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
-    saved = load_file(str(run_dir / "final_logits.safetensors"))
+    saved = load_file(str(run_dir / FIXED_LOGITS_FILE))
     with torch.no_grad():
         logits = model(input_ids=saved["input_ids"]).logits.float()
         with model.disable_adapter():
             base_logits = model(input_ids=saved["input_ids"]).logits.float()
     return logits, saved["logits"], base_logits
-
-
-def _tiny_arch(cfg: Dict[str, Any]) -> Any:
-    from trainer.schema import TinyArch
-
-    return TinyArch(**cfg["model"]["tiny"])
 
 
 # ---- running 2-process jobs (real torchrun, gloo), each at most once per pytest process ----
@@ -77,7 +67,9 @@ def overrides(strategy: str, quant: str, run_dir: Path, save_steps: int = SAVE_S
             f"train.max_steps={STEPS}", f"train.save_steps={save_steps}", f"train.eval_steps={STEPS}",
             "train.logging_steps=1", "train.max_seq_len=128", "train.lr=2e-3", "train.warmup_ratio=0",
             # The fused LoRA branch (auto would skip it on this tiny model) wherever the strategy allows it.
-            f"train.fused_lora={'null' if strategy.startswith('zero3') else 'true'}", f"run_dir={run_dir}"]
+            f"train.fused_lora={'null' if strategy.startswith('zero3') else 'true'}", f"run_dir={run_dir}",
+            # Observed from outside (tests/probes.py): the trained logits, each rank's parameters and imports.
+            "train.callbacks=[tests.probes:fixed_logits,tests.probes:rank_params,tests.probes:rank_imports]"]
 
 
 def command(strategy: str, quant: str, run_dir: Path, save_steps: int = SAVE_STEPS) -> List[str]:

@@ -32,7 +32,7 @@ def test_bnb4_fsdp_dry_run_plans_quant_storage_equal_to_compute_dtype(output_roo
     result = run_cli("quant=bnb4", "strategy=fsdp", "dry_run=true", f"output_root={output_root}")
     assert result.returncode == 0, result.stderr
     plan = yaml.safe_load(result.stdout)
-    bnb = plan["quant"]["bitsandbytes_config"]
+    bnb = plan["quant"]["load_kwargs"]
     assert bnb["bnb_4bit_quant_storage"] == bnb["bnb_4bit_compute_dtype"] == plan["compute_dtype"]
     assert plan["strategy"]["name"] == "fsdp" and plan["world_size"] >= 1
     assert plan["training_args"]["output_dir"].startswith(plan["run_dir"])
@@ -43,7 +43,7 @@ def test_bnb4_fsdp_dry_run_plans_quant_storage_equal_to_compute_dtype(output_roo
 def test_compute_dtype_override_flows_into_quant_storage(output_root: Path) -> None:
     result = run_cli("quant=bnb4", "quant.compute_dtype=bfloat16", "dry_run=true", f"output_root={output_root}")
     plan = yaml.safe_load(result.stdout)
-    assert plan["quant"]["bitsandbytes_config"]["bnb_4bit_quant_storage"] == "bfloat16"
+    assert plan["quant"]["load_kwargs"]["bnb_4bit_quant_storage"] == "bfloat16"
     assert plan["training_args"]["bf16"] is True
 
 

@@ -9,6 +9,7 @@ from transformers import AutoTokenizer
 
 from trainer.compose import compose
 from trainer.data import IGNORE_INDEX, PadCollator, load_examples
+from trainer.plan import build_plan
 from trainer.tiny import TOKENIZER_DIR
 
 
@@ -16,9 +17,14 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
+def data_of(overrides: list) -> object:
+    """The data part of the plan a run with these overrides would train from."""
+    return build_plan(compose(overrides)).data
+
+
 def test_alpaca_masks_the_prompt_and_learns_the_response_and_eos() -> None:
     tok = tokenizer()
-    train, evals = load_examples(compose([]), tok)
+    train, evals = load_examples(data_of([]), tok)
     assert len(train) > 300 and len(evals) > 30
     example = train[0]
     learned = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
@@ -34,7 +40,7 @@ def test_sharegpt_learns_every_assistant_turn_only(tmp_path: Path) -> None:
     conv = {"conversations": [{"from": "human", "value": "hi there"}, {"from": "gpt", "value": "alpha"},
                               {"from": "human", "value": "again"}, {"from": "gpt", "value": "omega"}]}
     path.write_text((json.dumps(conv) + "\n") * 10)
-    cfg = compose(["data=sharegpt", f"data.path={path}", "data.eval_fraction=0.1"])
+    cfg = data_of(["data=sharegpt", f"data.path={path}", "data.eval_fraction=0.1"])
     tok = tokenizer()
     train, _ = load_examples(cfg, tok)
     learned = tok.decode([t for t, lab in zip(train[0].input_ids, train[0].labels) if lab != IGNORE_INDEX])
@@ -44,12 +50,12 @@ def test_sharegpt_learns_every_assistant_turn_only(tmp_path: Path) -> None:
 
 def test_split_is_deterministic_and_disjoint_by_position() -> None:
     tok = tokenizer()
-    cfg = compose([])
+    cfg = data_of([])
     train_a, eval_a = load_examples(cfg, tok)
     train_b, eval_b = load_examples(cfg, tok)
     assert [e.input_ids for e in eval_a] == [e.input_ids for e in eval_b]
     assert len(eval_a) == round(0.1 * (len(train_a) + len(eval_a)))
-    other_seed = load_examples(compose(["data.split_seed=1"]), tok)[1]
+    other_seed = load_examples(data_of(["data.split_seed=1"]), tok)[1]
     assert [e.input_ids for e in other_seed] != [e.input_ids for e in eval_a]
 
 

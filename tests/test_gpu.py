@@ -24,7 +24,7 @@ def test_default_qlora_run_on_gpu_uses_bf16_and_learns(output_root: Path) -> Non
     run_dir = only_run_dir(output_root)
     plan = json.loads((run_dir / ".hydra" / "plan.json").read_text())
     assert plan["device"] == "cuda" and plan["compute_dtype"] == "bfloat16"
-    assert plan["quant"]["bitsandbytes_config"]["bnb_4bit_quant_storage"] == "bfloat16"
+    assert plan["quant"]["load_kwargs"]["bnb_4bit_quant_storage"] == "bfloat16"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["peak_memory_kind"] == "cuda_allocated" and metrics["peak_memory_bytes"] > 0
     assert metrics["eval_loss"] < 0.95 * metrics["eval_loss_before"], metrics

@@ -55,12 +55,10 @@ def test_hqq_quantizes_after_loading_and_trains(bits: int, peft: str, output_roo
 def test_hqq_replaces_every_decoder_linear(tiny2: Path) -> None:
     import torch
     from hqq.core.quantize import HQQLinear
-    from omegaconf import OmegaConf
 
     from trainer.quant.hqq_apply import load_and_quantize
 
-    cfg = OmegaConf.create({"quant": {"bits": 4, "group_size": 64}})
-    model = load_and_quantize(cfg, str(tiny2), {"dtype": torch.float32})
+    model = load_and_quantize(str(tiny2), 4, 64, {"dtype": torch.float32})
     assert len([m for m in model.model.layers.modules() if isinstance(m, HQQLinear)]) == 2 * len(PROJ)
     assert not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
     assert type(model.lm_head) is torch.nn.Linear  # like bnb, the output layer stays in full precision
@@ -102,7 +100,7 @@ def test_fp8_checkpoint_is_dequantized_on_load_and_trains(tiny2: Path, tmp_path:
     from trainer.quant.ptq import load_fp8
 
     ckpt = write_fp8_checkpoint(tiny2, tmp_path / "fp8")
-    model = load_fp8(None, str(ckpt), {"dtype": torch.float32})
+    model = load_fp8(str(ckpt), None, {"dtype": torch.float32})
     layer = model.model.layers[1].self_attn.o_proj
     assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
     ref = AutoModelForCausalLM.from_pretrained(tiny2, dtype=torch.float32).model.layers[1].self_attn.o_proj.weight
@@ -118,7 +116,7 @@ def test_mxfp4_checkpoint_is_dequantized_on_load_and_trains(tmp_path: Path, outp
     from trainer.quant.ptq import load_mxfp4
 
     source, ckpt = write_mxfp4_checkpoint(tmp_path / "gpt-oss")  # a tiny gpt-oss: MXFP4 covers its experts
-    experts = load_mxfp4(None, str(ckpt), {"dtype": torch.float32}).model.layers[0].mlp.experts
+    experts = load_mxfp4(str(ckpt), None, {"dtype": torch.float32}).model.layers[0].mlp.experts
     ref = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).model.layers[0].mlp.experts
     assert experts.gate_up_proj.is_floating_point() and experts.gate_up_proj.shape == ref.gate_up_proj.shape
     error = ((experts.gate_up_proj.float() - ref.gate_up_proj).norm() / ref.gate_up_proj.norm()).item()

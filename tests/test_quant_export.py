@@ -31,9 +31,10 @@ def export_cli(*overrides: str) -> subprocess.CompletedProcess:
 ])
 def test_export_rules(overrides: List[str], rule_ids: set) -> None:
     from trainer.export import compose_export
-    from trainer.export_rules import check
+    from trainer.export_rules import RULES
+    from trainer.validate import validate
 
-    assert {v.rule_id for v in check(compose_export(overrides))} == rule_ids
+    assert {v.rule_id for v in validate(compose_export(overrides), rules=RULES).errors} == rule_ids
 
 
 def test_export_without_calibration_data_is_refused_in_one_sentence() -> None:

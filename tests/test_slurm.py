@@ -111,15 +111,17 @@ def test_strict_sweep_with_an_illegal_combination_submits_nothing(tmp_path: Path
 @on_cluster
 def test_a_run_that_raises_ends_failed_in_slurm(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    # Legal to compose and validate; fails inside the job, when the data is read.
-    result = run_cli(*TINY_JOB, f"data.path={tmp_path / 'missing.jsonl'}", "launcher.slurm.wait=true",
+    # Legal to compose, validate and find; fails inside the job, when the data is read.
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+    result = run_cli(*TINY_JOB, "data=alpaca", f"data.path={broken}", "launcher.slurm.wait=true",
                      f"run_dir={run_dir}", timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
     job = re.search(r"submitted Slurm job (\d+)_0", result.stderr).group(1)
     assert job_states(job) == {0: "FAILED"}
     assert f"job {job}_0 ended FAILED" in result.stderr
     log = (run_dir / "slurm" / f"{job}_0.out").read_text(errors="replace")
-    assert "missing.jsonl" in log and "training exited with status 1" in log
+    assert "broken.jsonl line 2 is not valid JSON" in log and "training exited with status 1" in log
     assert not (run_dir / "metrics.json").exists()
 
 
@@ -217,15 +219,19 @@ def test_multi_node_rendering_starts_torchrun_per_node_with_one_rendezvous(tmp_p
     assert "--partition" not in cpu and "--array=0-0" in cpu
 
 
-@pytest.mark.parametrize("changes, rule", [
-    (dict(time="4 hours"), "slurm.time"), (dict(signal="USR9@60"), "slurm.signal"),
-    (dict(extra=["exclusive"]), "slurm.extra"), (dict(nodes=0), "slurm.sizes"),
+@pytest.mark.parametrize("override, rule", [
+    ("launcher.slurm.time='4 hours'", "slurm.time"), ("launcher.slurm.signal=USR9@60", "slurm.signal"),
+    ("launcher.slurm.extra=[exclusive]", "slurm.extra"), ("launcher.slurm.nodes=0", "slurm.sizes"),
 ])
-def test_bad_cluster_settings_are_rejected_before_submission(changes: dict, rule: str) -> None:
-    from launchers.slurm import check_settings
+def test_bad_cluster_settings_are_rules_checked_before_submission(override: str, rule: str) -> None:
+    """Ordinary rules (trainer/launcher_rules.py): refused in a dry run too, listed in the generated docs."""
+    from trainer.compose import compose
+    from trainer.validate import validate
 
-    assert [v.rule_id for v in check_settings(_cluster(**changes))] == [rule]
-    assert check_settings(_cluster()) == []
+    assert [v.rule_id for v in validate(compose(["launcher=slurm", override])).errors] == [rule]
+    assert validate(compose(["launcher=slurm"])).ok
+    refused = run_cli("launcher=slurm", override, "dry_run=true")
+    assert refused.returncode == 2 and f"[{rule}]" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_cluster_profile_example_matches_the_schema() -> None:

@@ -58,20 +58,27 @@ def check_strategy_run(strategy: str, quant: str, cpu_env: dict) -> None:
     assert torch.allclose(reloaded, trained, atol=1e-4), (reloaded - trained).abs().max()
     assert not torch.allclose(base, trained, atol=1e-3)  # the adapter learned something, so the match means it
 
+    # Only the launcher composed and validated: each rank read the plan (python -m trainer.rank RUN_DIR).
+    imports = [json.loads((run_dir / f"rank_imports-{r}.json").read_text()) for r in range(2)]
+    for seen in imports:
+        assert seen["imported"] == [], seen
+        assert seen["argv"][-1] == str(run_dir) and seen["argv"][0].endswith("trainer/rank.py"), seen["argv"]
+    # The ranks trained together: after the last step their trainable parameters are the same bytes
+    # (for FSDP each rank's full tensors). A rank that trained on its own would differ.
+    params = [json.loads((run_dir / f"rank_params-{r}.json").read_text()) for r in range(2)]
+    assert params[0]["tensors"] > 0 and params[0]["sha256"] == params[1]["sha256"], params
+
 
 def test_torchrun_arguments_one_node_and_many() -> None:
-    from launchers.torchrun import child_overrides, torchrun_argv
+    from launchers.torchrun import torchrun_argv
+    from trainer.specs import LauncherSpec
 
-    one = torchrun_argv({"nproc_per_node": 2, "nnodes": 1, "node_rank": 0, "rdzv_endpoint": None, "rdzv_id": None},
-                        ["strategy=ddp"])
+    one = torchrun_argv(LauncherSpec("torchrun", 2, 1, 0, None, None, None), "/runs/x=1")
     assert one[:3] == ["--nproc-per-node=2", "--nnodes=1", "--standalone"]
-    assert one[-3:] == ["--module", "launchers.torchrun", "strategy=ddp"]
-    many = torchrun_argv({"nproc_per_node": 8, "nnodes": 2, "node_rank": 1, "rdzv_endpoint": "head:29500",
-                          "rdzv_id": "job7"}, [])
+    assert one[-3:] == ["--module", "trainer.rank", "/runs/x=1"]  # every rank reads the one plan
+    many = torchrun_argv(LauncherSpec("torchrun", 8, 2, 1, "head:29500", "job7", None), "/runs/y")
     assert "--rdzv-backend=c10d" in many and "--rdzv-endpoint=head:29500" in many and "--rdzv-id=job7" in many
     assert not any(a.startswith("--node-rank") for a in many)  # c10d numbers the nodes itself
-    # Every rank gets the parent's run dir, whatever run_dir the user typed.
-    assert child_overrides(["run_dir=/a", "seed=1"], "/runs/x=1") == ["seed=1", "run_dir='/runs/x=1'"]
 
 
 def test_dry_run_shows_the_launch(tmp_path: Path) -> None:
@@ -80,8 +87,10 @@ def test_dry_run_shows_the_launch(tmp_path: Path) -> None:
                     "strategy=fsdp", "dry_run=true", f"output_root={tmp_path}")
     assert shown.returncode == 0, shown.stderr
     plan = yaml.safe_load(shown.stdout)
-    assert plan["launcher"] == {"name": "torchrun", "nproc_per_node": 1, "nnodes": 2, "node_rank": 1,
-                                "rdzv_endpoint": "head:29500", "rdzv_id": "job7"}  # auto: 1 process without GPUs
+    assert {k: plan["launcher"][k] for k in ("name", "nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint",
+                                             "rdzv_id")} == {"name": "torchrun", "nproc_per_node": 1, "nnodes": 2,
+                                                             "node_rank": 1, "rdzv_endpoint": "head:29500",
+                                                             "rdzv_id": "job7"}  # auto: 1 process without GPUs
     assert plan["world_size"] == 2 and plan["strategy"]["fsdp_config"]["fsdp_version"] == 2
     assert not list(tmp_path.iterdir())  # a dry run creates nothing
     refused = run_cli("launcher=torchrun", "launcher.nnodes=2", "dry_run=true")

@@ -73,7 +73,7 @@ def test_legal_compositions_pass(overrides: list[str]) -> None:
 
 def test_every_violation_is_reported_at_once() -> None:
     found = errors("quant=bnb8", "strategy=fsdp", "peft=pissa", "model.resize_vocab=true", "train.lr=0")
-    assert {"bnb.8bit_not_sharded", "quant.no_pissa", "quant.no_resize_vocab", "train.lr"} <= found
+    assert {"bnb.8bit_not_sharded", "quant.no_pissa", "quant.no_resize_vocab", "range.train.lr"} <= found
 
 
 def test_warnings_do_not_block() -> None:

@@ -4,27 +4,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from trainer.rules import error, method, peft_method, warning
+from trainer.quant import trains_quantized
+from trainer.rules import error, peft_method, warning
 
 LORA_FAMILY = ("lora", "dora", "oft", "pissa")
+
+
+def trains_adapter(method_name: str) -> bool:
+    """An adapter method (a PEFT adapter is trained and saved) rather than full or freeze tuning."""
+    return method_name in LORA_FAMILY
 # Layer names of the decoder families qforge knows (Llama, Mistral and Qwen2 share them).
 FAMILY_LAYERS = {family: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                          "embed_tokens", "lm_head") for family in ("llama", "mistral", "qwen2")}
+                          "embed_tokens", "lm_head") for family in ("llama", "mistral", "qwen2", "qwen3")}
 
 
 def unknown_targets(cfg: Any) -> list:
     known = FAMILY_LAYERS.get(str(cfg.model.family))
     targets = list(cfg.peft.target_modules)
-    if known is None or targets == ["all-linear"] or peft_method(cfg) not in LORA_FAMILY:
+    if known is None or targets == ["all-linear"] or not trains_adapter(peft_method(cfg)):
         return []
     return [t for t in targets if t not in known]
-
-
-def trains_quantized(cfg: Any) -> bool:
-    """True when the base weights stay quantized during training (FP8/MXFP4 are dequantized)."""
-    from trainer.quant import backend_for
-
-    return method(cfg) != "none" and backend_for(method(cfg)).trains_quantized
 
 
 RULES = [
@@ -40,7 +39,7 @@ RULES = [
     error(
         "quant.lora_family_only",
         ["quant", "peft"],
-        lambda cfg: trains_quantized(cfg) and peft_method(cfg) not in LORA_FAMILY,
+        lambda cfg: trains_quantized(cfg) and not trains_adapter(peft_method(cfg)),
         "quantized weights cannot be trained directly, so peft={cfg.peft.method.value} "
         "does not work with quant={cfg.quant.method.value}.",
         "use peft=lora, dora or oft on the quantized model, or quant=none for full or freeze tuning.",
@@ -77,7 +76,7 @@ RULES = [
     error(
         "peft.adapters_need_adapter_method",
         ["peft", "model"],
-        lambda cfg: len(cfg.model.adapters) > 0 and peft_method(cfg) not in LORA_FAMILY,
+        lambda cfg: len(cfg.model.adapters) > 0 and not trains_adapter(peft_method(cfg)),
         "model.adapters loads adapters, but peft={cfg.peft.method.value} trains no adapter.",
         "use peft=lora (or dora/oft) to continue those adapters, or clear model.adapters.",
     ),

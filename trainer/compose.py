@@ -33,17 +33,11 @@ def register() -> None:
 
 def compose(overrides: Optional[Sequence[str]] = None) -> Any:
     """Compose conf/train.yaml with overrides, exactly as `python train.py` would (no run dir)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    register()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides or []))
+    return compose_all([list(overrides or [])])[0]
 
 
-def compose_many(override_sets: Sequence[Sequence[str]]) -> List[Any]:
+def compose_all(override_sets: Sequence[Sequence[str]]) -> List[Any]:
+    """Several compositions under one Hydra initialisation (a sweep's combinations, the matrix's cells)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 from trainer.errors import UserError
+from trainer.specs import DataSpec
 
 IGNORE_INDEX = -100
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -113,27 +114,27 @@ def tokenize(turns: Sequence[Turn], tokenizer: Any, max_len: int) -> Example:
     return Example(ids[:max_len], labels[:max_len])
 
 
-def load_examples(cfg: Any, tokenizer: Any) -> Tuple[List[Example], List[Example]]:
+def load_examples(data: DataSpec, tokenizer: Any) -> Tuple[List[Example], List[Example]]:
     """Read, check, tokenize and split the data set into (train, eval)."""
-    path = cfg.data.path
+    path = str(data.path)
     records = read_records(path)
-    if cfg.data.max_samples:
-        records = records[: cfg.data.max_samples]
-    to_turns = alpaca_turns if cfg.data.format.value == "alpaca" else sharegpt_turns
+    if data.max_samples:
+        records = records[: data.max_samples]
+    to_turns = alpaca_turns if data.format == "alpaca" else sharegpt_turns
     examples = []
     for number, record in enumerate(records, start=1):
-        example = tokenize(to_turns(record, f"{path} record {number}"), tokenizer, cfg.train.max_seq_len)
+        example = tokenize(to_turns(record, f"{path} record {number}"), tokenizer, data.max_seq_len)
         if any(label != IGNORE_INDEX for label in example.labels):
             examples.append(example)
     if not examples:
         raise UserError(f"{path}: every example's response was cut off by train.max_seq_len="
-                        f"{cfg.train.max_seq_len}; raise it.")
+                        f"{data.max_seq_len}; raise it.")
     order = list(range(len(examples)))
-    random.Random(cfg.data.split_seed).shuffle(order)
-    n_eval = int(round(len(examples) * cfg.data.eval_fraction)) if cfg.do_eval else 0
-    if cfg.do_eval and n_eval == 0:
+    random.Random(data.split_seed).shuffle(order)
+    n_eval = int(round(len(examples) * data.eval_fraction)) if data.holds_out_eval else 0
+    if data.holds_out_eval and n_eval == 0:
         raise UserError(f"{path} has {len(examples)} usable examples, too few to hold out "
-                        f"data.eval_fraction={cfg.data.eval_fraction} for eval; add data or set do_eval=false.")
+                        f"data.eval_fraction={data.eval_fraction} for eval; add data or set do_eval=false.")
     if n_eval >= len(examples):
         raise UserError(f"{path}: holding out {n_eval} of {len(examples)} examples leaves none to train on; "
                         "lower data.eval_fraction.")

@@ -1,27 +1,17 @@
 """What train.py and the `qforge` console script do with a composed config.
 
-compose (Hydra, already done) -> validate -> plan -> launch. A UserError becomes one line on stderr
-and a non-zero exit; no traceback reaches a user for input they can fix.
+compose (Hydra, already done) -> check the command line -> validate -> plan -> check inputs -> launch. A
+UserError becomes one line on stderr and a non-zero exit; no traceback reaches a user for input they can fix.
+This is the only place that turns a composition into a launched run; ranks start from the plan (trainer/rank.py).
 """
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
-from typing import Any, List
+from typing import Any, List, Optional
 
 from trainer.errors import UserError
-
-log = logging.getLogger("qforge")
-
-
-def configure_logging() -> None:
-    from trainer.library_noise import silence
-
-    silence()
-    logging.basicConfig(level=logging.INFO, format="[qforge %(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True,
-                        stream=sys.stderr)
+from trainer.log import configure_logging
 
 
 def run_entry(cfg: Any) -> None:
@@ -34,37 +24,33 @@ def run_entry(cfg: Any) -> None:
 
 
 def _run(cfg: Any) -> None:
+    from trainer import inputs
     from trainer.plan import build_plan
+    from trainer.rundir import Composition
     from trainer.validate import validate
 
-    is_child_rank = os.environ.get("QFORGE_CHILD") == "1"
-    if not is_child_rank:
-        _check_command_line(cfg)
-    if _hydra_multirun_dir() is not None and cfg.launcher.name.value == "slurm" and not is_child_rank:
+    _check_command_line(cfg)
+    if _hydra_multirun_dir() is not None and cfg.launcher.name.value == "slurm":
         # A -m sweep on Slurm: validate every combination, submit the legal ones as one job array, exit.
         from launchers.slurm_sweep import submit_sweep_from_hydra
 
         submit_sweep_from_hydra(cfg)
     report = validate(cfg)
-    if not is_child_rank:
-        report.print()
+    report.print()
     if not report.ok:
         print(f"qforge: {len(report.errors)} rule(s) reject this composition; nothing was run.", file=sys.stderr)
         sys.exit(2)
 
     plan = build_plan(cfg, run_dir=_hydra_multirun_dir())
     plan.warnings = [v.line() for v in report.warnings]
-    if not is_child_rank:
-        from trainer import inputs
-
-        inputs.check(cfg, plan.run_dir)  # before anything is created or an earlier run is touched
+    inputs.check(cfg, plan.run_dir)  # before anything is created or an earlier run is touched
     if cfg.dry_run:
         print(plan.render())
         return
 
     from launchers import launch
 
-    launch(cfg, plan, overrides=_overrides())
+    launch(plan, Composition.of(cfg, _overrides()))
 
 
 def _check_command_line(cfg: Any) -> None:
@@ -86,11 +72,11 @@ def _overrides() -> List[str]:
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
-def _hydra_multirun_dir() -> Any:
+def _hydra_multirun_dir() -> Optional[str]:
     """In a -m sweep each job gets the dir Hydra made for it under the sweep dir."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return HydraConfig.get().runtime.output_dir
+        return str(HydraConfig.get().runtime.output_dir)
     return None

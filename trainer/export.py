@@ -28,12 +28,13 @@ log = logging.getLogger("qforge")
 
 def run_export(cfg: Any) -> Path:
     """Run one export from a composed config; returns the output directory."""
-    from trainer import export_rules
+    from trainer.export_rules import RULES
+    from trainer.validate import validate
 
-    violations = export_rules.check(cfg)
-    if violations:
+    report = validate(cfg, rules=RULES)
+    if not report.ok:
         # Every violated rule at once, as the training validator reports them.
-        raise UserError(" ".join(f"[{v.rule_id}] {v.message} Fix: {v.fix}" for v in violations))
+        raise UserError(report.summary())
     _preflight(cfg)
     if cfg.model.name_or_path is not None:
         _refuse_quantized_base(os.path.expanduser(str(cfg.model.name_or_path)))
@@ -45,8 +46,9 @@ def run_export(cfg: Any) -> Path:
     from trainer.model import load_tokenizer, model_source
 
     started = time.monotonic()
-    source = model_source(cfg)
-    tokenizer = load_tokenizer(cfg, source)
+    spec = base_model_spec(cfg)
+    source = model_source(spec)
+    tokenizer = load_tokenizer(spec)
     texts = calibration_texts(cfg.export.dataset, tokenizer, cfg.export.nsamples, cfg.export.max_len)
     out = Path(output_dir(cfg))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -89,6 +91,19 @@ def run_export(cfg: Any) -> Path:
     (out / "qforge_export.json").write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("exported GPTQ %d-bit model to %s in %.1f s", cfg.export.bits, out, manifest["seconds"])
     return out
+
+
+def base_model_spec(cfg: Any) -> Any:
+    """The 16-bit base the adapters merge into, as the loaders take it (trainer/specs.ModelSpec)."""
+    from trainer.specs import ModelSpec
+    from trainer.tiny import arch_dict, tiny_model_dir
+
+    tiny = arch_dict(cfg.model.tiny) if cfg.model.name_or_path is None else None
+    source = str(tiny_model_dir(tiny)) if tiny else os.path.expanduser(str(cfg.model.name_or_path))
+    return ModelSpec(preset=cfg.model.preset, source=source, tiny=tiny, family=cfg.model.family.value,
+                     decoder_layer="", dtype="float16", adapters=list(cfg.model.adapters), new_adapter=False,
+                     resize_vocab=False, device_map=None, trust_remote_code=bool(cfg.model.trust_remote_code),
+                     attn_implementation=cfg.model.attn_implementation, upcast_layernorm=False)
 
 
 def output_dir(cfg: Any) -> str:
@@ -167,8 +182,8 @@ def main() -> None:
     import hydra
 
     from trainer.compose import conf_dir, register
-    from trainer.entry import configure_logging
     from trainer.export_schema import register_export_schema
+    from trainer.log import configure_logging
 
     register()
     register_export_schema()

@@ -1,15 +1,16 @@
 """Rules of GPTQ export (LLaMA-Factory's export checks), as data like every other rule.
 
 They judge the composed export config (conf/export.yaml), not a training config, so the validator
-of train.py does not run them; trainer.export does, and the matrix lists them in its rule table.
+of train.py does not run them; trainer.export runs them through the same validator (validate(cfg, RULES)),
+and the matrix lists them in its rule table.
 What needs the disk (is the base a 16-bit model, is a path an adapter) is checked in preflight.
 """
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import List
 
-from trainer.rules import Rule, Violation, error
+from trainer.rules import Rule, error
 
 GPTQ_BITS = (2, 3, 4, 8)
 
@@ -52,6 +53,3 @@ RULES: List[Rule] = [
     ),
 ]
 
-
-def check(cfg: Any) -> List[Violation]:
-    return [v for v in (rule.check(cfg) for rule in RULES) if v is not None]

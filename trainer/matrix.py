@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from trainer.compose import compose_many, conf_dir
-from trainer.rules import Rule, all_rules
-from trainer.validate import validate
+from trainer.compose import compose_all, conf_dir
+from trainer.rules import Rule
+from trainer.validate import all_rules, validate
 
 # Cells are judged as a multi-process launch, so the "one process" hint does not fill the table.
 BASE_OVERRIDES = ["launcher=torchrun"]
@@ -33,7 +33,7 @@ def cells() -> Dict[Tuple[str, str, str], str]:
     # the cells equal full compositions at a fraction of the cost.
     group_options = [("quant", q) for q in quants] + [("strategy", s) for s in strategies] + \
         [("peft", p) for p in pefts]
-    composed = compose_many([[f"{g}={o}", *BASE_OVERRIDES] for g, o in group_options])
+    composed = compose_all([[f"{g}={o}", *BASE_OVERRIDES] for g, o in group_options])
     nodes = {(g, o): cfg[g] for (g, o), cfg in zip(group_options, composed)}
     base = composed[0]
     table: Dict[Tuple[str, str, str], str] = {}

@@ -1,25 +1,57 @@
-"""The RunPlan: everything a run will do, resolved and printable, computed without torch.
+"""The RunPlan: everything a rank needs, resolved, typed and printable, computed without torch.
 
-`dry_run=true` prints it and stops. Launchers and ranks consume it; nothing downstream re-derives
-a setting the plan already decided.
+This is the boundary between deciding and doing. build_plan turns a validated composition into a RunPlan;
+`dry_run=true` prints it and stops; the launcher writes it to RUN_DIR/.hydra/plan.json and every rank reads
+that file back (trainer/rank.py) and trains from it. Nothing past this module reads the composed config, and
+nothing downstream re-derives a setting the plan decided: a new decision is added here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
+import json
 import os
 import secrets
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
 
-from trainer import strategies
+from trainer import families
+from trainer.adapters import peft_spec
 from trainer.env import accelerators
-from trainer.preflight import package_versions
+from trainer.errors import UserError
+from trainer.preemption import signal_name
+from trainer.preflight import package_versions, requirements
 from trainer.quant import backend_for
 from trainer.rules import method, peft_method, strategy
-from trainer.speed import NO_FUSED_CE_STRATEGIES, uses_fused_lora
+from trainer.specs import (
+    DataSpec,
+    LauncherSpec,
+    LoggerSpec,
+    ModelSpec,
+    PeftSpec,
+    QuantSpec,
+    RequirementSpec,
+    RunSpec,
+    SpeedSpec,
+)
+from trainer.speed import speed_spec
+from trainer.strategies import StrategySpec, chosen
+
+# Bumped when plan.json's layout changes: a rank refuses a plan of another layout (trainer/rank.py).
+PLAN_FORMAT = 2
+PLAN_FILE = "plan.json"
+
+
+def qforge_version() -> str:
+    try:
+        return version("qforge")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass
@@ -29,17 +61,22 @@ class RunPlan:
     device: str  # "cuda" or "cpu"
     world_size: int
     compute_dtype: str
-    model: Dict[str, Any]
-    quant: Dict[str, Any]
-    peft: Dict[str, Any]
-    strategy: Dict[str, Any]
-    data: Dict[str, Any]
+    model: ModelSpec
+    quant: QuantSpec
+    peft: PeftSpec
+    strategy: StrategySpec
+    data: DataSpec
+    speed: SpeedSpec
+    run: RunSpec
     training_args: Dict[str, Any]
-    logger: Dict[str, Any]
-    launcher: Dict[str, Any]
+    logger: LoggerSpec
+    launcher: LauncherSpec
+    requirements: List[RequirementSpec] = field(default_factory=list)
     # Installed versions of qforge, torch, transformers, peft, accelerate and what the composition adds.
     versions: Dict[str, str] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
+    qforge_version: str = field(default_factory=qforge_version)
+    plan_format: int = PLAN_FORMAT
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -47,11 +84,48 @@ class RunPlan:
     def render(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
 
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> RunPlan:
+        """The plan back from plan.json, nested specs typed again; an unknown layout is refused."""
+        if data.get("plan_format") != PLAN_FORMAT:
+            raise UserError(f"this plan has layout {data.get('plan_format')} but this qforge reads layout "
+                            f"{PLAN_FORMAT}; launch the run again with this qforge (python train.py ...).")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        nested = {"model": ModelSpec, "quant": QuantSpec, "peft": PeftSpec, "strategy": StrategySpec,
+                  "data": DataSpec, "speed": SpeedSpec, "run": RunSpec, "logger": LoggerSpec,
+                  "launcher": LauncherSpec}
+        values: Dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in types:
+                raise UserError(f"plan.json has a key {key} this qforge does not know; launch the run again.")
+            values[key] = nested[key](**value) if key in nested else value
+        values["requirements"] = [RequirementSpec(**r) for r in data.get("requirements", [])]
+        return cls(**values)
+
+    def write(self) -> Path:
+        """RUN_DIR/.hydra/plan.json, atomically (every node of a multi-node launch may write it)."""
+        path = Path(self.run_dir) / ".hydra" / PLAN_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{PLAN_FILE}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def read(cls, run_dir: str) -> RunPlan:
+        path = Path(run_dir) / ".hydra" / PLAN_FILE
+        if not path.is_file():
+            raise UserError(f"{run_dir} holds no {PLAN_FILE}; a rank trains only a run its launcher planned: start "
+                            "it with python train.py (or sbatch slurm/train.sbatch).")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+# ---- deciding ----
 
 def resolve_compute_dtype(cfg: Any, gpus: int, bf16: bool) -> str:
-    chosen = cfg.quant.compute_dtype.value
-    if chosen != "auto":
-        return chosen
+    chosen_dtype = cfg.quant.compute_dtype.value
+    if chosen_dtype != "auto":
+        return chosen_dtype
     if gpus == 0:
         return "float32"  # CPU kernels for bf16 matmul are slow and bnb's CPU path expects fp32
     return "bfloat16" if bf16 else "float16"
@@ -85,105 +159,126 @@ def default_run_dir(cfg: Any, now: Optional[_dt.datetime] = None) -> str:
 
 
 def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
+    slurm = cfg.launcher.name.value == "slurm"
     acc = accelerators()
-    gpus = acc.gpus if cfg.launcher.name.value != "slurm" else cfg.launcher.slurm.gpus_per_node
-    bf16 = acc.bf16 if cfg.launcher.name.value != "slurm" else True
+    # On Slurm the plan is made on a login node for the allocation's GPUs (launcher.slurm.gpus_per_node).
+    gpus = cfg.launcher.slurm.gpus_per_node if slurm else acc.gpus
+    bf16 = True if slurm else acc.bf16
     dtype = resolve_compute_dtype(cfg, gpus, bf16)
     device = "cuda" if gpus > 0 else "cpu"
-    run_dir = os.path.abspath(run_dir or cfg.run_dir or default_run_dir(cfg))
+    run_dir = os.path.abspath(os.path.expanduser(run_dir or cfg.run_dir or default_run_dir(cfg)))
     size = world_size(cfg, gpus)
-    strat = strategies.resolve(cfg, device=device, compute_dtype=dtype, world_size=size)
+    model = _model_spec(cfg, dtype, device)
+    strat = chosen(cfg).plan(cfg, device=device, compute_dtype=dtype, world_size=size,
+                             decoder_layer=families.DECODER_LAYERS[model.family])
+    speed = speed_spec(cfg)
     return RunPlan(
         run_dir=run_dir,
         run_name=cfg.run_name or os.path.basename(run_dir),
         device=device,
         world_size=size,
         compute_dtype=dtype,
-        model=_model_spec(cfg, dtype),
-        quant=_quant_spec(cfg, dtype),
-        peft=_peft_spec(cfg),
+        model=model,
+        quant=_quant_spec(cfg, device, dtype),
+        peft=peft_spec(cfg),
         strategy=strat,
-        data={
-            "format": cfg.data.format.value,
-            "path": cfg.data.path,
-            "eval_fraction": cfg.data.eval_fraction,
-            "max_samples": cfg.data.max_samples,
-            "max_seq_len": cfg.train.max_seq_len,
-            "packing": bool(cfg.train.packing),
-        },
+        data=DataSpec(
+            format=cfg.data.format.value,
+            path=cfg.data.path,
+            eval_fraction=float(cfg.data.eval_fraction),
+            max_samples=cfg.data.max_samples,
+            split_seed=int(cfg.data.split_seed),
+            max_seq_len=int(cfg.train.max_seq_len),
+            packing=speed.packing,
+            holds_out_eval=bool(cfg.do_eval),
+        ),
+        speed=speed,
+        run=RunSpec(
+            do_train=bool(cfg.do_train),
+            do_eval=bool(cfg.do_eval),
+            seed=int(cfg.seed),
+            output_root=os.path.abspath(os.path.expanduser(str(cfg.output_root))),
+            resume=str(cfg.train.resume),
+            save_total_limit=int(cfg.train.save_total_limit),
+            callbacks=[str(c) for c in cfg.train.callbacks],
+        ),
         training_args=training_args(cfg, run_dir, device, dtype, strat),
-        logger={
-            "name": cfg.logger.name.value,
-            "project": cfg.logger.project,
-            "mode": cfg.logger.mode.value,
-            "tags": [cfg.quant.method.value, peft_method(cfg), strategy(cfg), *cfg.logger.tags],
-        },
-        launcher={
-            "name": cfg.launcher.name.value,
-            "nproc_per_node": nproc_per_node(cfg, gpus),
-            "nnodes": cfg.launcher.nnodes if cfg.launcher.name.value != "slurm" else cfg.launcher.slurm.nodes,
-            "node_rank": cfg.launcher.node_rank,
-            "rdzv_endpoint": cfg.launcher.rdzv_endpoint,
-            "rdzv_id": cfg.launcher.rdzv_id,
-        },
+        logger=LoggerSpec(
+            name=cfg.logger.name.value,
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=cfg.logger.group,
+            mode=cfg.logger.mode.value,
+            tags=[cfg.quant.method.value, peft_method(cfg), strategy(cfg), *cfg.logger.tags],
+        ),
+        launcher=LauncherSpec(
+            name=cfg.launcher.name.value,
+            nproc_per_node=nproc_per_node(cfg, gpus),
+            nnodes=cfg.launcher.slurm.nodes if slurm else cfg.launcher.nnodes,
+            node_rank=cfg.launcher.node_rank,
+            rdzv_endpoint=cfg.launcher.rdzv_endpoint,
+            rdzv_id=cfg.launcher.rdzv_id,
+            preemption_signal=signal_name(str(cfg.launcher.slurm.signal)),
+            slurm=_slurm_settings(cfg) if slurm else None,
+        ),
+        requirements=[RequirementSpec(asked_by, r.module, r.distribution, r.minimum, r.install, r.needs_gpu)
+                      for asked_by, r in requirements(cfg)],
         versions=package_versions(cfg),
     )
 
 
-def _model_spec(cfg: Any, dtype: str) -> Dict[str, Any]:
-    source = cfg.model.name_or_path
-    if source is None:
-        from trainer.tiny import tiny_model_dir
+def _model_spec(cfg: Any, dtype: str, device: str) -> ModelSpec:
+    m = cfg.model
+    tiny = None
+    if m.name_or_path is None:
+        from trainer.tiny import arch_dict, tiny_model_dir
 
-        source = f"embedded tiny model (built once into {tiny_model_dir(cfg.model.tiny)})"
-    return {
-        "preset": cfg.model.preset,
-        "source": source,
-        "dtype": dtype,
-        "adapters": list(cfg.model.adapters),
-        "trust_remote_code": bool(cfg.model.trust_remote_code),
-        "attn_implementation": cfg.model.attn_implementation,
-        "upcast_layernorm": bool(cfg.model.upcast_layernorm),
-        "gradient_checkpointing": bool(cfg.train.gradient_checkpointing),
-        "checkpoint_layers": cfg.train.checkpoint_layers if cfg.train.checkpoint_layers is not None else "all",
-        # Skipped where the strategy shards lm_head (its weight is a DTensor / ZeRO partition there).
-        "fused_cross_entropy": bool(cfg.train.fused_ce) and strategy(cfg) not in NO_FUSED_CE_STRATEGIES,
-        "fused_lora": _fused_lora(cfg),
-        "liger": "auto (CUDA and liger-kernel present)" if cfg.model.liger is None else bool(cfg.model.liger),
-    }
-
-
-def _fused_lora(cfg: Any) -> Any:
-    if not uses_fused_lora(cfg):
-        return False
-    return True if cfg.train.fused_lora else "auto (when batch x seq x hidden >= 2**25)"
-
-
-def _quant_spec(cfg: Any, dtype: str) -> Dict[str, Any]:
-    name = method(cfg)
-    if name == "none":
-        return {"method": "none"}
-    backend = backend_for(name)
-    spec: Dict[str, Any] = {
-        "method": name,
-        "bits": cfg.quant.bits,
-        "backend": backend.summary,
-        "pre_quantized": backend.pre_quantized,
-        "compute_dtype": dtype,
-    }
-    if name == "bnb":
-        from trainer.quant.bnb import quantization_kwargs
-
-        spec["bitsandbytes_config"] = quantization_kwargs(cfg, dtype)
-    elif name == "hqq":
-        spec["group_size"] = cfg.quant.group_size
-    return spec
+        tiny = arch_dict(m.tiny)
+        source = str(tiny_model_dir(tiny))
+    else:
+        source = str(m.name_or_path)
+        expanded = os.path.expanduser(source)
+        source = os.path.abspath(expanded) if os.path.exists(expanded) else source
+    family = families.resolve(m.family.value, source if tiny is None else None)
+    if m.device_map is not None:
+        device_map: Optional[str] = "auto"
+    else:
+        device_map = chosen(cfg).device_map(device, quantized=method(cfg) != "none")
+    return ModelSpec(
+        preset=m.preset,
+        source=source,
+        tiny=tiny,
+        family=family,
+        decoder_layer=families.DECODER_LAYERS[family],
+        dtype=dtype,
+        adapters=[os.path.abspath(os.path.expanduser(str(a))) if os.path.exists(os.path.expanduser(str(a)))
+                  else str(a) for a in m.adapters],
+        new_adapter=bool(m.new_adapter),
+        resize_vocab=bool(m.resize_vocab),
+        device_map=device_map,
+        trust_remote_code=bool(m.trust_remote_code),
+        attn_implementation=m.attn_implementation,
+        upcast_layernorm=bool(m.upcast_layernorm),
+    )
 
 
-def _peft_spec(cfg: Any) -> Dict[str, Any]:
-    from trainer.adapters import adapter_kwargs
+def _quant_spec(cfg: Any, device: str, dtype: str) -> QuantSpec:
+    backend = backend_for(method(cfg))
+    return QuantSpec(
+        method=backend.method,
+        bits=cfg.quant.bits,
+        backend=backend.summary,
+        pre_quantized=backend.pre_quantized,
+        trains_quantized=backend.trains_quantized,
+        loader=backend.loader,
+        load_kwargs=backend.load_kwargs(cfg, device, dtype),
+    )
 
-    return {"method": peft_method(cfg), **adapter_kwargs(cfg)}
+
+def _slurm_settings(cfg: Any) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg.launcher.slurm, resolve=True)  # type: ignore[return-value]
 
 
 def checkpointing_argument() -> str:
@@ -192,8 +287,6 @@ def checkpointing_argument() -> str:
     transformers 5.23 renamed gradient_checkpointing(_kwargs) to activation_checkpointing(_kwargs) and warns on
     the old names; read from the installed version's metadata, so the plan stays torch-free.
     """
-    from importlib.metadata import PackageNotFoundError, version
-
     from packaging.version import Version
 
     try:
@@ -203,7 +296,7 @@ def checkpointing_argument() -> str:
     return "activation_checkpointing" if renamed else "gradient_checkpointing"
 
 
-def training_args(cfg: Any, run_dir: str, device: str, dtype: str, strat: Dict[str, Any]) -> Dict[str, Any]:
+def training_args(cfg: Any, run_dir: str, device: str, dtype: str, strat: StrategySpec) -> Dict[str, Any]:
     """Keyword arguments for transformers.TrainingArguments, as plain values."""
     t = cfg.train
     checkpointing = checkpointing_argument()
@@ -222,6 +315,11 @@ def training_args(cfg: Any, run_dir: str, device: str, dtype: str, strat: Dict[s
         "logging_steps": t.logging_steps,
         "eval_strategy": "steps" if cfg.do_eval else "no",
         "eval_steps": t.eval_steps,
+        # The eval before training runs inside train(), once the strategy has wrapped the model:
+        # transformers 5.17 / accelerate 1.15 never wrap a model in DDP once Trainer.evaluate() has prepared
+        # it for evaluation, so an evaluate() first made every DDP rank train on its own. (A resumed attempt
+        # skips it: trainer/run.py.)
+        "eval_on_start": bool(cfg.do_eval and cfg.do_train),
         "save_strategy": "steps",
         "save_steps": t.save_steps,
         "save_total_limit": None,  # qforge rotates complete checkpoints only (trainer/checkpoints.py)
@@ -240,5 +338,5 @@ def training_args(cfg: Any, run_dir: str, device: str, dtype: str, strat: Dict[s
         "logging_first_step": True,
         "include_num_input_tokens_seen": "non_padding",
     }
-    args.update(strat.get("training_args", {}))
+    args.update(strat.training_args)
     return args

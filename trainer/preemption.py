@@ -61,8 +61,7 @@ def signal_name(spec: str) -> Optional[str]:
     return name if hasattr(signal, f"SIG{name}") else None
 
 
-def signal_from_config(cfg: Any) -> Optional[signal.Signals]:
-    name = signal_name(str(cfg.launcher.slurm.signal))
+def warning_signal(name: Optional[str]) -> Optional[signal.Signals]:
     return getattr(signal, f"SIG{name}", None) if name else None
 
 
@@ -73,7 +72,8 @@ def attempts(run_dir: str) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def preemption_callback(cfg: Any, run_dir: str) -> Any:
+def preemption_callback(signal_to_stop: Optional[str], run_dir: str) -> Any:
+    """signal_to_stop: the warning signal's name (the plan's launcher.preemption_signal), e.g. USR2."""
     from transformers import TrainerCallback
 
     class PreemptionCallback(TrainerCallback):  # type: ignore[misc]
@@ -87,7 +87,7 @@ def preemption_callback(cfg: Any, run_dir: str) -> Any:
             self.first_step = 0
             self.steps_trained = 0
             self.started = time.time()
-            self.sig = signal_from_config(cfg)
+            self.sig = warning_signal(signal_to_stop)
 
         def _on_signal(self, signum: int, frame: Any) -> None:
             self.signalled = True  # only a flag: the step boundary does the work

@@ -38,9 +38,10 @@ def requirements(cfg: Any) -> List[Tuple[str, Requirement]]:
     return needed
 
 
-def check(cfg: Any) -> None:
-    """Raise a UserError naming the first missing piece and the line that installs it."""
-    check_requirements(requirements(cfg))
+def check(plan: Any) -> None:
+    """In a rank: raise a UserError naming the first missing piece and the line that installs it."""
+    check_requirements([(r.asked_by, Requirement(r.module, r.distribution, r.minimum, r.install, r.needs_gpu))
+                        for r in plan.requirements])
 
 
 def check_requirements(needed: List[Tuple[str, Requirement]]) -> None:

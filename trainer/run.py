@@ -1,71 +1,76 @@
 """One training run on one rank, top to bottom: preflight, data, model, adapter, train, outputs.
 
-Read this file to follow a run without a debugger. Launchers call `train(cfg, plan)` in every rank.
+Read this file to follow a run without a debugger. It takes the RunPlan (trainer/plan.py) and nothing else
+decides anything here: trainer/rank.py (every rank under torchrun and Slurm) and launchers/local.py call
+`train(plan)`.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import resource
 import time
 from pathlib import Path
-from typing import Any, Dict, Sequence
+from typing import Any, Dict, List, Sequence
 
-from trainer import checkpoints, preemption, preflight, speed, strategies
+from trainer import checkpoints, preemption, preflight, speed
 from trainer.data import load_examples
-from trainer.model import load_for_training, load_tokenizer, model_source
+from trainer.errors import UserError
+from trainer.model import load_for_training, load_tokenizer
 from trainer.plan import RunPlan
 from trainer.run_loss import NothingLeftToTrain, loss_callback
-from trainer.rundir import resolved_config
+from trainer.rundir import saved_config
+from trainer.strategies import strategy_for
 from trainer.tracking import make_wandb_callback, plot_losses, wandb_mode, write_metrics
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
+def train(plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
     started = time.monotonic()
-    preflight.check(cfg)
+    preflight.check(plan)
     if plan.device == "cpu":
         # Named, not detected: DeepSpeed (imported by the Trainer) otherwise warns that it found no GPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     # Decided before anything heavy: with logger.mode=online and no route to wandb, the run stops here.
-    wandb_mode_now = wandb_mode(cfg.logger.mode.value, plan.run_dir) \
-        if cfg.logger.name.value == "wandb" and int(os.environ.get("RANK", "0")) == 0 else None
+    logs_to = wandb_mode(plan.logger.mode, plan.run_dir) if plan.logger.name == "wandb" and rank0 else None
 
     # Data first: a bad file costs a second here, not a model load.
-    tokenizer = load_tokenizer(cfg, model_source(cfg))
-    train_examples, eval_examples = load_examples(cfg, tokenizer)
-    log.info("data: %d train / %d eval examples from %s", len(train_examples), len(eval_examples), cfg.data.path)
+    tokenizer = load_tokenizer(plan.model)
+    train_examples, eval_examples = load_examples(plan.data, tokenizer)
+    log.info("data: %d train / %d eval examples from %s", len(train_examples), len(eval_examples), plan.data.path)
 
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
 
-    set_seed(cfg.seed)
-    model, tokenizer = load_for_training(cfg, plan)
-    strategies.prepare_process_group(plan)
+    set_seed(plan.run.seed)
+    model, tokenizer = load_for_training(plan)
+    strategy = strategy_for(plan.strategy.name)
+    strategy.prepare_process_group(plan.strategy, plan.device)
     metrics: Dict[str, Any] = {}
-    key = checkpoints.signing_key(cfg.output_root)
-    resume_from = checkpoints.resume_path(cfg.train.resume, plan.run_dir, key) if cfg.do_train else None
-    # The eval before training runs inside train(), once the strategy has wrapped the model: transformers 5.17 /
-    # accelerate 1.15 never wrap a model in DDP once Trainer.evaluate() has prepared it for evaluation, so an
-    # evaluate() first made every DDP rank train on its own (no gradient all-reduce). A resumed attempt keeps
-    # the first attempt's figure (its log history holds it).
-    args = TrainingArguments(**strategies.training_arguments(plan),
-                             eval_on_start=bool(cfg.do_eval and cfg.do_train and not resume_from))
+    key = checkpoints.signing_key(plan.run.output_root)
+    resume_from = checkpoints.resume_path(plan.run.resume, plan.run_dir, key) if plan.run.do_train else None
+    training_args = strategy.training_arguments(plan.strategy, plan.run_dir, plan.device)
+    if resume_from:
+        training_args["eval_on_start"] = False  # the first attempt's eval before training is in the log history
+    args = TrainingArguments(**{**plan.training_args, **training_args})
     # Order matters in on_save: the loss sum is written into the checkpoint before it is marked complete,
     # and preemption exits only once it is.
     run_loss = loss_callback(resume_from)
-    callbacks = [run_loss, checkpoints.completeness_callback(cfg.train.save_total_limit, key),
-                 strategies.memory_callback(metrics), preemption.preemption_callback(cfg, plan.run_dir),
-                 *speed.callbacks(cfg), *extra_callbacks]
+    callbacks = [run_loss, checkpoints.completeness_callback(plan.run.save_total_limit, key),
+                 _weights_memory(metrics), preemption.preemption_callback(plan.launcher.preemption_signal,
+                                                                          plan.run_dir),
+                 *speed.callbacks(plan.speed), *_plugged_in(plan), *extra_callbacks]
     wandb_cb = None
-    if cfg.logger.name.value == "wandb":
-        wandb_cb = make_wandb_callback(cfg, plan, resolved_config(cfg), wandb_mode_now or "disabled")
+    if plan.logger.name == "wandb":
+        wandb_cb = make_wandb_callback(plan, saved_config(plan.run_dir), logs_to or "disabled")
         callbacks.append(wandb_cb)
     # Packed rows (train.packing) or padded examples; speed.py says why either is the same loss.
-    train_set, eval_set, collator = speed.training_data(cfg, tokenizer, train_examples, eval_examples)
+    train_set, eval_set, collator = speed.training_data(plan.speed, plan.data.max_seq_len, plan.data.split_seed,
+                                                        tokenizer.pad_token_id, train_examples, eval_examples)
     trainer = Trainer(
         model=model,
         args=args,
@@ -79,7 +84,7 @@ def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
-    if cfg.do_train:
+    if plan.run.do_train:
         if resume_from:
             log.info("resuming from %s", resume_from)
             metrics["resumed_from_step"] = checkpoints.step_of(Path(resume_from))
@@ -98,7 +103,7 @@ def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[
             "train_seconds": train_seconds,
             "tokens_per_second": tokens / train_seconds if train_seconds > 0 else 0.0,
         })
-    if cfg.do_eval:
+    if plan.run.do_eval:
         before = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == 0]
         if before:
             metrics["eval_loss_before"] = before[0]
@@ -108,15 +113,47 @@ def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[
     metrics["world_size"] = plan.world_size
     metrics["versions"] = {**plan.versions, **preflight.machine_facts()}
     metrics["wall_seconds"] = time.monotonic() - started
-    # Collective saves first: FSDP and ZeRO-3 need every rank to gather the weights.
-    if cfg.do_train:
-        strategies.save_final(trainer, _weights_dir(cfg, plan))
-        strategies.save_fixed_logits(trainer, tokenizer, os.path.join(plan.run_dir, strategies.FIXED_LOGITS_FILE))
+    # A collective save first: FSDP and ZeRO-3 need every rank to gather the weights.
+    if plan.run.do_train:
+        strategy.save_final(trainer, weights_dir(plan))
     if trainer.is_world_process_zero():
-        _save_outputs(cfg, plan, trainer, tokenizer, metrics)
+        _save_outputs(plan, trainer, tokenizer, metrics)
         if wandb_cb is not None:
             wandb_cb.finish(metrics)
     return metrics
+
+
+def _plugged_in(plan: RunPlan) -> List[Any]:
+    """train.callbacks: "module:function" factories, each called with the plan, each giving a TrainerCallback."""
+    made = []
+    for spec in plan.run.callbacks:
+        module_name, _, function_name = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError) as err:
+            raise UserError(f"train.callbacks lists {spec}, which cannot be imported ({err}); name a "
+                            "module:function on this machine's Python path.") from None
+        made.append(factory(plan))
+    return made
+
+
+def _weights_memory(metrics: Dict[str, Any]) -> Any:
+    """Per-GPU memory once the strategy has wrapped (sharded) the model, before the first step.
+
+    That figure is the weights (+ adapters) each GPU holds: FSDP and ZeRO-3 shards show up as a fraction
+    of the single-GPU figure. Written into `metrics` as weights_memory_bytes (CUDA only).
+    """
+    from transformers import TrainerCallback
+
+    class WeightMemory(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                metrics["weights_memory_bytes"] = int(torch.cuda.memory_allocated())
+
+    return WeightMemory()
 
 
 def _memory() -> Dict[str, Any]:
@@ -129,19 +166,18 @@ def _memory() -> Dict[str, Any]:
             "peak_memory_kind": "cpu_max_rss"}
 
 
-def _weights_dir(cfg: Any, plan: RunPlan) -> str:
+def weights_dir(plan: RunPlan) -> str:
     """adapter/ for adapter methods; model/ where the base weights themselves were trained."""
-    adapter_based = cfg.peft.method.value not in ("full", "freeze")
-    return os.path.join(plan.run_dir, "adapter" if adapter_based else "model")
+    return os.path.join(plan.run_dir, "adapter" if plan.peft.trains_adapter else "model")
 
 
-def _save_outputs(cfg: Any, plan: RunPlan, trainer: Any, tokenizer: Any, metrics: Dict[str, Any]) -> None:
-    target = _weights_dir(cfg, plan)
-    if cfg.do_train:
-        tokenizer.save_pretrained(target)  # the weights were saved by strategies.save_final on every rank
+def _save_outputs(plan: RunPlan, trainer: Any, tokenizer: Any, metrics: Dict[str, Any]) -> None:
+    target = weights_dir(plan)
+    if plan.run.do_train:
+        tokenizer.save_pretrained(target)  # the weights were saved by the strategy's save_final on every rank
         metrics["saved_to"] = target
     plot = plot_losses(plan.run_dir, trainer.state.log_history,
-                       f"{plan.run_name}: {cfg.quant.method.value} {cfg.peft.method.value} {cfg.strategy.name.value}",
+                       f"{plan.run_name}: {plan.quant.method} {plan.peft.method} {plan.strategy.name}",
                        eval_before=metrics.get("eval_loss_before"))
     if plot:
         metrics["loss_plot"] = str(plot)

@@ -8,8 +8,7 @@ from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 
-from trainer.rules import DISTRIBUTED_STRATEGIES, Rule, error, strategy, warning
-from trainer.speed import NO_FUSED_LORA_STRATEGIES
+from trainer.rules import Rule, error
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -161,27 +160,5 @@ RULES = [
         lambda cfg: not cfg.do_train and not cfg.do_eval,
         "do_train=false and do_eval=false leave nothing to run.",
         "set do_train=true or do_eval=true.",
-    ),
-    error(
-        "strategy.fsdp_version",
-        ["strategy"],
-        lambda cfg: strategy(cfg) == "fsdp" and cfg.strategy.version not in (1, 2),
-        "strategy.version must be 1 or 2 for FSDP, not {cfg.strategy.version}.",
-        "set strategy.version=2 (fully_shard) or 1.",
-    ),
-    error(
-        "train.fused_lora_zero3",
-        ["train", "strategy"],
-        lambda cfg: cfg.train.fused_lora is True and strategy(cfg) in NO_FUSED_LORA_STRATEGIES,
-        "train.fused_lora=true cannot run under strategy={cfg.strategy.name.value}: ZeRO-3 gathers a weight only "
-        "inside its own module's call, and the fused LoRA branch reads the LoRA weights without that call.",
-        "set train.fused_lora=null (peft's LoRA forward under ZeRO-3) or use strategy=fsdp.",
-    ),
-    warning(
-        "strategy.one_process",
-        ["strategy", "launcher"],
-        lambda cfg: strategy(cfg) in DISTRIBUTED_STRATEGIES and cfg.launcher.name.value == "local",
-        "strategy={cfg.strategy.name.value} with launcher=local runs in one process.",
-        "use launcher=torchrun (or slurm) to run it on several processes.",
     ),
 ]

@@ -83,6 +83,21 @@ class DeviceMap(str, Enum):
     auto = "auto"
 
 
+class ModelFamily(str, Enum):
+    """Decoder families qforge knows (trainer/families.py); auto: read model_type from a local config.json."""
+
+    auto = "auto"
+    llama = "llama"
+    mistral = "mistral"
+    qwen2 = "qwen2"
+    qwen3 = "qwen3"
+    gemma2 = "gemma2"
+    phi3 = "phi3"
+    mixtral = "mixtral"
+    gpt_oss = "gpt_oss"
+    chatglm = "chatglm"
+
+
 class Scheduler(str, Enum):
     linear = "linear"
     cosine = "cosine"
@@ -131,7 +146,7 @@ class ModelConfig:
     # A hub id or a local directory. Null selects the embedded tiny model described by `tiny`.
     name_or_path: Optional[str] = None
     tiny: Optional[TinyArch] = None
-    family: str = "llama"
+    family: ModelFamily = ModelFamily.auto
     adapters: List[str] = field(default_factory=list)
     new_adapter: bool = False
     resize_vocab: bool = False
@@ -177,7 +192,6 @@ class StrategyConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "sample"
     format: DataFormat = DataFormat.alpaca
     path: str = "???"
     eval_fraction: float = 0.1
@@ -256,6 +270,9 @@ class TrainLoop:
     save_total_limit: int = 2
     optim: Optimizer = Optimizer.adamw_torch
     resume: str = "auto"
+    # More TrainerCallbacks, as "module:function" factories called with the RunPlan (e.g. early stopping,
+    # a custom evaluation); each returns a transformers.TrainerCallback.
+    callbacks: List[str] = field(default_factory=list)
 
 
 @dataclass

@@ -1,8 +1,9 @@
-"""The speed pass, in one place: packing, the chunked loss, liger-kernel, and partial checkpointing.
+"""The speed pass, in one place: packing, the chunked loss, liger-kernel, the fused LoRA branch, partial
+checkpointing.
 
 None of these change what is learned: the same tokens are trained with the same loss (bench/ checks the
-first-step loss against plain HF + peft on the same batch). run.py and model.py call the three public
-functions below; everything else about speed lives here and in packing.py / fused_loss.py.
+first-step loss against plain HF + peft on the same batch). The plan decides (speed_spec, torch-free); the
+rank applies what the SpeedSpec says (apply, apply_to_adapter, callbacks, training_data).
 """
 
 from __future__ import annotations
@@ -12,35 +13,51 @@ import logging
 from typing import Any, List, Sequence, Tuple
 
 from trainer.errors import UserError
-from trainer.rules import SHARDED_STRATEGIES, strategy
+from trainer.specs import SpeedSpec
 
 log = logging.getLogger(__name__)
 
 # Liger's patches replace these model types' RMSNorm, SwiGLU MLP and RoPE with Triton kernels.
 LIGER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral")
-# ZeRO-3 and FSDP gather a weight only inside its own module's forward; the chunked loss reads
-# lm_head.weight directly, so it would see an empty ZeRO-3 shard or an FSDP2 DTensor ("mixed
-# torch.Tensor and DTensor"). Those strategies keep the stock loss.
-NO_FUSED_CE_STRATEGIES = SHARDED_STRATEGIES
-# The fused LoRA branch reads lora_A/lora_B weights inside the LoRA layer's forward without calling
-# those submodules, so ZeRO-3's per-module gather hooks would never fire. FSDP2 gathers per decoder layer.
-NO_FUSED_LORA_STRATEGIES = ("zero3", "zero3_offload")
+# Attention implementations that read packed rows as one flat sequence with per-example positions.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 
-def training_data(cfg: Any, tokenizer: Any, train_examples: Sequence[Any], eval_examples: Sequence[Any]) -> Tuple:
-    """(train dataset, eval dataset or None, collator): packed rows when train.packing, padded examples otherwise."""
+# ---- plan time (no torch): what the run will do ----
+
+def speed_spec(cfg: Any) -> SpeedSpec:
+    from trainer.strategies import chosen
+
+    strat = chosen(cfg)
+    fused_lora = cfg.train.fused_lora
+    return SpeedSpec(
+        packing=bool(cfg.train.packing),
+        flatten_packed_rows=cfg.model.attn_implementation in VARLEN_ATTENTION,
+        fused_cross_entropy=bool(cfg.train.fused_ce) and strat.allows_fused_ce,
+        fused_lora="off" if fused_lora is False or not strat.allows_fused_lora else ("on" if fused_lora else "auto"),
+        liger={None: "auto", True: "on", False: "off"}[cfg.model.liger],
+        gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
+        checkpoint_layers=None if cfg.train.checkpoint_layers is None else int(cfg.train.checkpoint_layers),
+        tokens_per_step=int(cfg.train.batch_size) * int(cfg.train.max_seq_len),
+    )
+
+
+# ---- run time: applied to the loaded model, from the spec ----
+
+def training_data(speed: SpeedSpec, max_seq_len: int, split_seed: int, pad_token_id: int,
+                  train_examples: Sequence[Any], eval_examples: Sequence[Any]) -> Tuple:
+    """(train dataset, eval dataset or None, collator): packed rows when packing, padded examples otherwise."""
     from trainer.data import ExampleDataset, PadCollator
-    from trainer.packing import VARLEN_ATTENTION, PackedCollator, PackedDataset
+    from trainer.packing import PackedCollator, PackedDataset
 
-    if not cfg.train.packing:
+    if not speed.packing:
         return (ExampleDataset(list(train_examples)), ExampleDataset(list(eval_examples)) if eval_examples else None,
-                PadCollator(tokenizer.pad_token_id))
-    capacity = int(cfg.train.max_seq_len)
-    train_set = PackedDataset(train_examples, capacity, seed=cfg.data.split_seed)
-    eval_set = PackedDataset(eval_examples, capacity, seed=cfg.data.split_seed) if eval_examples else None
-    log.info("packing: %d train examples into %d rows of <= %d tokens", len(train_examples), len(train_set), capacity)
-    flatten = cfg.model.attn_implementation in VARLEN_ATTENTION
-    return train_set, eval_set, PackedCollator(tokenizer.pad_token_id, flatten=flatten)
+                PadCollator(pad_token_id))
+    train_set = PackedDataset(train_examples, max_seq_len, seed=split_seed)
+    eval_set = PackedDataset(eval_examples, max_seq_len, seed=split_seed) if eval_examples else None
+    log.info("packing: %d train examples into %d rows of <= %d tokens", len(train_examples), len(train_set),
+             max_seq_len)
+    return train_set, eval_set, PackedCollator(pad_token_id, flatten=speed.flatten_packed_rows)
 
 
 def liger_available() -> bool:
@@ -49,13 +66,12 @@ def liger_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 
 
-def use_liger(cfg: Any, model_type: str) -> bool:
-    """model.liger: null = on when CUDA and liger-kernel are there and the model type is supported."""
-    wanted = cfg.model.liger
-    if wanted is False:
+def use_liger(wanted: str, model_type: str) -> bool:
+    """model.liger: auto = on when CUDA and liger-kernel are there and the model type is supported."""
+    if wanted == "off":
         return False
     supported = model_type in LIGER_MODEL_TYPES
-    if wanted is None:
+    if wanted == "auto":
         return supported and liger_available()
     if not liger_available():
         raise UserError("model.liger=true needs a CUDA GPU and liger-kernel; `pip install liger-kernel` on a GPU "
@@ -65,12 +81,12 @@ def use_liger(cfg: Any, model_type: str) -> bool:
     return True
 
 
-def apply(model: Any, cfg: Any) -> Any:
+def apply(model: Any, speed: SpeedSpec, upcast_layernorm: bool) -> Any:
     """Swap in liger kernels and the chunked loss on the loaded (not yet adapted) causal LM."""
     from trainer import fused_loss
 
     model_type = str(getattr(model.config, "model_type", ""))
-    liger = use_liger(cfg, model_type)
+    liger = use_liger(speed.liger, model_type)
     if liger:
         from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
@@ -78,27 +94,22 @@ def apply(model: Any, cfg: Any) -> Any:
         _apply_liger_kernel_to_instance(model=model, rope=True, rms_norm=True, swiglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
         log.info("liger-kernel: RMSNorm, SwiGLU and RoPE kernels on %s", model_type)
-    if cfg.model.upcast_layernorm:
+    if upcast_layernorm:
         _norms_return_input_dtype(model)
-    if cfg.train.fused_ce and cfg.strategy.name.value not in NO_FUSED_CE_STRATEGIES:
+    if speed.fused_cross_entropy:
         if fused_loss.install(model, use_liger=liger):
             log.info("loss: chunked linear cross-entropy (%s), no full fp32 logits", "liger" if liger else "torch")
     return model
 
 
-def uses_fused_lora(cfg: Any) -> bool:
-    """train.fused_lora true or null (auto), under a strategy that allows it (the rule train.fused_lora_zero3)."""
-    return cfg.train.fused_lora is not False and strategy(cfg) not in NO_FUSED_LORA_STRATEGIES
-
-
-def apply_to_adapter(model: Any, cfg: Any) -> Any:
+def apply_to_adapter(model: Any, speed: SpeedSpec) -> Any:
     """After peft has wrapped the model: route vanilla LoRA layers through the fused branch (lora_fused.py)."""
-    if uses_fused_lora(cfg):
+    if speed.fused_lora != "off":
         from trainer import lora_fused
 
-        auto = cfg.train.fused_lora is None
+        auto = speed.fused_lora == "auto"
         hidden = int(getattr(getattr(model, "config", None), "hidden_size", 0) or 0)
-        tokens = int(cfg.train.batch_size) * int(cfg.train.max_seq_len)
+        tokens = speed.tokens_per_step
         if auto and hidden and not lora_fused.pays(hidden, tokens):
             log.info("LoRA: peft's forward (%d tokens x hidden %d per step is too little work for the fused "
                      "branch to pay; train.fused_lora=true forces it)", tokens, hidden)
@@ -125,15 +136,20 @@ def _norms_return_input_dtype(model: Any) -> None:
 
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
-        if ("norm" in type(module).__name__.lower() or name.endswith("norm")) and weight is not None \
-                and weight.dtype.is_floating_point and weight.dtype.itemsize == 4:
+        if is_norm(name, module) and weight is not None and weight.dtype.is_floating_point \
+                and weight.dtype.itemsize == 4:
             module.register_forward_hook(cast_back)
 
 
-def callbacks(cfg: Any) -> List[Any]:
+def is_norm(name: str, module: Any) -> bool:
+    """A normalization layer (RMSNorm, LayerNorm, ...): by class name, or by attribute name for custom ones."""
+    return "norm" in type(module).__name__.lower() or name.endswith("norm")
+
+
+def callbacks(speed: SpeedSpec) -> List[Any]:
     """Trainer callbacks the speed settings need (partial checkpointing)."""
-    if cfg.train.gradient_checkpointing and cfg.train.checkpoint_layers is not None:
-        return [_partial_checkpointing(int(cfg.train.checkpoint_layers))]
+    if speed.gradient_checkpointing and speed.checkpoint_layers is not None:
+        return [_partial_checkpointing(speed.checkpoint_layers)]
     return []
 
 

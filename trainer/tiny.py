@@ -21,14 +21,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("QFORGE_CACHE", Path.home() / ".cache" / "qforge"))
 
 
-def _arch_dict(arch: Any) -> Dict[str, int]:
+def arch_dict(arch: Any) -> Dict[str, int]:
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "max_position_embeddings", "init_seed")
     return {k: int(arch[k] if isinstance(arch, dict) else getattr(arch, k)) for k in keys}
 
 
 def tiny_model_dir(arch: Any) -> Path:
-    spec = _arch_dict(arch)
+    spec = arch_dict(arch)
     tokenizer_hash = hashlib.sha256((TOKENIZER_DIR / "tokenizer.json").read_bytes()).hexdigest()[:8]
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:10]
     return cache_root() / "tiny" / f"llama-{digest}-{tokenizer_hash}"
@@ -42,7 +42,7 @@ def ensure_tiny_model(arch: Any) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    spec = _arch_dict(arch)
+    spec = arch_dict(arch)
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

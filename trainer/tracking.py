@@ -14,9 +14,6 @@ from typing import Any, Dict, List, Optional
 
 log = logging.getLogger(__name__)
 
-SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
-
-
 def write_metrics(run_dir: str, metrics: Dict[str, Any]) -> Path:
     path = Path(run_dir) / "metrics.json"
     tmp = path.with_suffix(".json.tmp")
@@ -107,7 +104,7 @@ def wandb_mode(requested: str, run_dir: str) -> str:
     return "offline"
 
 
-def make_wandb_callback(cfg: Any, plan: Any, resolved_config: Dict[str, Any], mode: str) -> Any:
+def make_wandb_callback(plan: Any, resolved_config: Dict[str, Any], mode: str) -> Any:
     from transformers import TrainerCallback
 
     class WandbCallback(TrainerCallback):
@@ -129,15 +126,15 @@ def make_wandb_callback(cfg: Any, plan: Any, resolved_config: Dict[str, Any], mo
             run_id = run_id_file.read_text().strip() if run_id_file.exists() else secrets.token_hex(4)
             run_id_file.write_text(run_id)
             self.run = wandb.init(
-                project=cfg.logger.project,
-                entity=cfg.logger.entity,
-                group=cfg.logger.group,
+                project=plan.logger.project,
+                entity=plan.logger.entity,
+                group=plan.logger.group,
                 name=plan.run_name,
                 id=run_id,
                 resume="allow",
                 dir=plan.run_dir,
                 mode=mode,
-                tags=plan.logger["tags"],
+                tags=plan.logger.tags,
                 config=scrub(resolved_config),
                 settings=wandb.Settings(silent=True, console="off"),
             )

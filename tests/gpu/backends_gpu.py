@@ -146,7 +146,7 @@ def measure(label: str, overrides: List[str], source: Path, reference: Dict[str,
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
     started = time.perf_counter()
-    model, _ = load_for_training(cfg, plan)
+    model, _ = load_for_training(plan)
     if cuda:
         torch.cuda.synchronize()
     load_s = time.perf_counter() - started

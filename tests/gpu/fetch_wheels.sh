@@ -29,7 +29,6 @@ PKGS=(
   hqq==0.2.8.post1            # sdist only, built below
   termcolor==3.3.0            # hqq
   liger-kernel==0.8.5
-  submitit==1.5.4
   # deepspeed's deps missing on the device (einops, msgpack, ninja, psutil,
   # py-cpuinfo, numpy, tqdm, packaging are there)
   hjson==3.1.0

@@ -27,7 +27,7 @@ python3 - <<'EOF'
 import importlib, sys
 out = [f"python {sys.version.split()[0]}"]
 for mod in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "hydra",
-            "omegaconf", "deepspeed", "hqq", "liger_kernel", "submitit", "pydantic",
+            "omegaconf", "deepspeed", "hqq", "liger_kernel", "pydantic",
             "google.protobuf", "wandb"):
     try:
         m = importlib.import_module(mod)

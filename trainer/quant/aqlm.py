@@ -9,17 +9,13 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from trainer.quant import Backend, Requirement
-from trainer.quant.common import bits_rule
+from trainer.quant.base import Backend, Requirement
 from trainer.quant.prequantized import check_checkpoint, load_prequantized, sharding_rule
 from trainer.quant.targets import mark_linear_targets
 
 INSTALL = "pip install 'qforge[aqlm]'  (aqlm[gpu,cpu]>=1.1)"
 
-RULES = [
-    bits_rule("aqlm", (1, 2, 3, 4), "AQLM"),
-    sharding_rule("aqlm", "AQLM"),
-]
+RULES = [sharding_rule("aqlm", "AQLM")]
 
 
 def requirements(cfg: Any) -> List[Requirement]:
@@ -32,13 +28,14 @@ def checkpoint_bits(quant: Dict[str, Any]) -> float:
     return int(quant.get("num_codebooks", 1)) * int(quant.get("nbits_per_codebook", 16)) / group
 
 
-def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
-    check_checkpoint(path, "aqlm", cfg.quant.bits, bits_of=lambda q: round(checkpoint_bits(q)))
+def load(path: str, spec: Any, model_kwargs: Dict[str, Any]) -> Any:
+    check_checkpoint(path, "aqlm", spec.bits, bits_of=lambda q: round(checkpoint_bits(q)))
     return mark_linear_targets(load_prequantized(path, model_kwargs))
 
 
 BACKEND = Backend(
     method="aqlm",
+    label="AQLM",
     summary="AQLM 1-4 bit codebooks, pre-quantized checkpoint",
     bits=(1, 2, 3, 4),
     pre_quantized=True,
@@ -46,5 +43,4 @@ BACKEND = Backend(
     rules=RULES,
     requirements=requirements,
     loader="trainer.quant.aqlm:load",
-    default_bits=2,
 )

@@ -9,32 +9,33 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from trainer.quant import Backend, Requirement
-from trainer.quant.common import bits_rule
+from trainer.quant.base import Backend, Requirement
 from trainer.quant.gptq import GPTQMODEL, gptqmodel_cpu_workers, trainable_kernel
 from trainer.quant.prequantized import check_checkpoint, load_prequantized, sharding_rule
 from trainer.quant.targets import mark_linear_targets
 
 INSTALL = "pip install 'qforge[awq]'  (gptqmodel>=2.0, which transformers 5 uses for AWQ)"
 
-RULES = [
-    bits_rule("awq", (4,), "AWQ"),
-    sharding_rule("awq", "AWQ"),
-]
+RULES = [sharding_rule("awq", "AWQ")]
 
 
 def requirements(cfg: Any) -> List[Requirement]:
     return [Requirement(GPTQMODEL.module, GPTQMODEL.distribution, GPTQMODEL.minimum, INSTALL)]
 
 
-def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
-    check_checkpoint(path, "awq", cfg.quant.bits)
+def load_kwargs(cfg: Any, device: str, compute_dtype: str) -> Dict[str, Any]:
+    return {"backend": trainable_kernel("awq", device)}
+
+
+def load(path: str, spec: Any, model_kwargs: Dict[str, Any]) -> Any:
+    check_checkpoint(path, "awq", spec.bits)
     gptqmodel_cpu_workers()
-    return mark_linear_targets(load_prequantized(path, model_kwargs, backend=trainable_kernel("awq", model_kwargs)))
+    return mark_linear_targets(load_prequantized(path, model_kwargs, **spec.load_kwargs))
 
 
 BACKEND = Backend(
     method="awq",
+    label="AWQ",
     summary="AWQ 4-bit, pre-quantized checkpoint (gptqmodel kernels)",
     bits=(4,),
     pre_quantized=True,
@@ -42,5 +43,5 @@ BACKEND = Backend(
     rules=RULES,
     requirements=requirements,
     loader="trainer.quant.awq:load",
-    default_bits=4,
+    load_kwargs=load_kwargs,
 )

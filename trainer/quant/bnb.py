@@ -4,19 +4,25 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from trainer.quant import Backend, Requirement
-from trainer.quant.common import bits_rule
-from trainer.rules import error, method, shards_weights, warning
+from trainer.quant.base import Backend, Requirement
+from trainer.rules import error, method, warning
+from trainer.strategies import shards_weights
 
 INSTALL = "pip install 'qforge[bnb]'  (bitsandbytes>=0.43)"
+BITS = (4, 8)
 
 
 def _is_bnb(cfg: Any, bits: int) -> bool:
     return method(cfg) == "bnb" and cfg.quant.bits == bits
 
 
+def _four_bit_knobs(cfg: Any) -> List[str]:
+    quant = cfg.quant
+    return [k for k, v, default in (("quant.quant_type", quant.quant_type.value, "nf4"),
+                                    ("quant.double_quant", quant.double_quant, True)) if v != default]
+
+
 RULES = [
-    bits_rule("bnb", (4, 8), "bitsandbytes"),
     error(
         "bnb.8bit_not_sharded",
         ["quant", "strategy"],
@@ -32,6 +38,14 @@ RULES = [
         "bitsandbytes 8-bit weights cannot be spread over devices with model.device_map=auto "
         "(only 4-bit can).",
         "use quant=bnb4, or set model.device_map=null.",
+    ),
+    error(
+        "bnb.8bit_knobs",
+        ["quant"],
+        lambda cfg: _is_bnb(cfg, 8) and bool(_four_bit_knobs(cfg)),
+        "{knobs} only shape 4-bit weights and do nothing with quant.bits=8.",
+        "remove {knobs}, or use quant=bnb4.",
+        details=lambda cfg: {"knobs": ", ".join(_four_bit_knobs(cfg))},
     ),
     warning(
         "bnb.double_quant",
@@ -53,7 +67,7 @@ def requirements(cfg: Any) -> List[Requirement]:
     return [Requirement("bitsandbytes", "bitsandbytes", floor, INSTALL)]
 
 
-def quantization_kwargs(cfg: Any, compute_dtype: str) -> Dict[str, Any]:
+def quantization_kwargs(cfg: Any, device: str, compute_dtype: str) -> Dict[str, Any]:
     """The BitsAndBytesConfig arguments, printable in the plan (dtype names, not torch objects).
 
     bnb_4bit_quant_storage always equals the compute dtype: FSDP and ZeRO-3 flatten parameters of one
@@ -71,9 +85,8 @@ def quantization_kwargs(cfg: Any, compute_dtype: str) -> Dict[str, Any]:
     }
 
 
-def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
-    dtype_name = str(model_kwargs["dtype"]).removeprefix("torch.")
-    return from_pretrained(path, quantization_kwargs(cfg, dtype_name), model_kwargs)
+def load(path: str, spec: Any, model_kwargs: Dict[str, Any]) -> Any:
+    return from_pretrained(path, spec.load_kwargs, model_kwargs)
 
 
 def from_pretrained(path: str, bnb_kwargs: Dict[str, Any], model_kwargs: Dict[str, Any]) -> Any:
@@ -115,12 +128,14 @@ def keep_training_layout(model: Any) -> int:
 
 BACKEND = Backend(
     method="bnb",
+    label="bitsandbytes",
     summary="bitsandbytes NF4/FP4 4-bit or LLM.int8 8-bit, quantized while loading",
-    bits=(4, 8),
+    bits=BITS,
+    knobs=("quant_type", "double_quant"),
     pre_quantized=False,
     trains_quantized=True,
     rules=RULES,
     requirements=requirements,
     loader="trainer.quant.bnb:load",
-    default_bits=4,
+    load_kwargs=quantization_kwargs,
 )

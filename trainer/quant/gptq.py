@@ -9,18 +9,14 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List
 
-from trainer.quant import Backend, Requirement
-from trainer.quant.common import bits_rule
+from trainer.quant.base import Backend, Requirement
 from trainer.quant.prequantized import check_checkpoint, load_prequantized, sharding_rule
 from trainer.quant.targets import mark_linear_targets
 
 # gptqmodel ships as an sdist only; its kernels compile on first use, so it installs on CPU too.
 INSTALL = "pip install 'qforge[gptq]'  (gptqmodel>=2.0 and optimum>=1.24)"
 
-RULES = [
-    bits_rule("gptq", (2, 3, 4, 8), "GPTQ"),
-    sharding_rule("gptq", "GPTQ"),
-]
+RULES = [sharding_rule("gptq", "GPTQ")]
 
 GPTQMODEL = Requirement("gptqmodel", "gptqmodel", "2.0.0", INSTALL)
 # transformers' own floor for the optimum that drives gptqmodel (quantizer_gptq.MIN_OPTIMUM_VERSION).
@@ -41,7 +37,7 @@ def gptqmodel_cpu_workers() -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, ((os.cpu_count() or 1) + 1) // 2)))
 
 
-def trainable_kernel(method: str, model_kwargs: Dict[str, Any]) -> str:
+def trainable_kernel(method: str, device: str) -> str:
     """The gptqmodel backend to load with: named explicitly on CPU, where gptqmodel's own choice depends on the CPU.
 
     gptqmodel 7.7 ranks an AVX512-BF16 kernel (TorchCpuAvx512Linear / TorchCpuAvx512AwqLinear) first on CPUs
@@ -51,20 +47,25 @@ def trainable_kernel(method: str, model_kwargs: Dict[str, Any]) -> str:
     (`torch_awq`: transformers 5.17's AwqConfig accepts no name for the AWQ ATen kernel). On a GPU,
     `auto_trainable` keeps gptqmodel to kernels with a backward pass (exllama and marlin are inference only).
     """
-    if model_kwargs.get("device_map") is None:
+    if device == "cpu":
         return {"gptq": "gptq_torch_aten", "awq": "torch_awq"}[method]
     return "auto_trainable"
 
 
-def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
-    check_checkpoint(path, "gptq", cfg.quant.bits)
+def load_kwargs(cfg: Any, device: str, compute_dtype: str) -> Dict[str, Any]:
+    return {"backend": trainable_kernel("gptq", device)}
+
+
+def load(path: str, spec: Any, model_kwargs: Dict[str, Any]) -> Any:
+    check_checkpoint(path, "gptq", spec.bits)
     gptqmodel_cpu_workers()
-    model = load_prequantized(path, model_kwargs, backend=trainable_kernel("gptq", model_kwargs))
+    model = load_prequantized(path, model_kwargs, **spec.load_kwargs)
     return mark_linear_targets(model)  # gptqmodel's layers are not nn.Linear
 
 
 BACKEND = Backend(
     method="gptq",
+    label="GPTQ",
     summary="GPTQ 2/3/4/8-bit, pre-quantized checkpoint (gptqmodel)",
     bits=(2, 3, 4, 8),
     pre_quantized=True,
@@ -72,5 +73,5 @@ BACKEND = Backend(
     rules=RULES,
     requirements=requirements,
     loader="trainer.quant.gptq:load",
-    default_bits=4,
+    load_kwargs=load_kwargs,
 )

@@ -1,21 +1,20 @@
 """HQQ: half-quadratic quantization applied after loading, with the hqq library directly.
 
 transformers 5.x refuses HqqConfig in from_pretrained, so the base model loads in its compute dtype
-and every nn.Linear of the decoder is replaced by an HQQLinear.
+and every nn.Linear of the decoder is replaced by an HQQLinear (trainer/quant/hqq_apply.py).
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from trainer.quant import Backend, Requirement
-from trainer.quant.common import bits_rule, no_sharding_rule
+from trainer.quant.base import Backend, Requirement
+from trainer.quant.common import no_sharding_rule
 from trainer.rules import error, method
 
 INSTALL = "pip install 'qforge[hqq]'  (hqq>=0.2.1)"
 
 RULES = [
-    bits_rule("hqq", (1, 2, 3, 4, 5, 6, 8), "HQQ"),
     no_sharding_rule("hqq", "HQQ", "its packed weights are not shardable by FSDP or ZeRO-3."),
     error(
         "hqq.group_size",
@@ -38,20 +37,26 @@ def requirements(cfg: Any) -> List[Requirement]:
     return [Requirement("hqq", "hqq", "0.2.1", INSTALL)]
 
 
-def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
+def load_kwargs(cfg: Any, device: str, compute_dtype: str) -> Dict[str, Any]:
+    return {"bits": int(cfg.quant.bits), "group_size": int(cfg.quant.group_size)}
+
+
+def load(path: str, spec: Any, model_kwargs: Dict[str, Any]) -> Any:
     from trainer.quant.hqq_apply import load_and_quantize
 
-    return load_and_quantize(cfg, path, model_kwargs)
+    return load_and_quantize(path, spec.load_kwargs["bits"], spec.load_kwargs["group_size"], model_kwargs)
 
 
 BACKEND = Backend(
     method="hqq",
+    label="HQQ",
     summary="HQQ 1-8 bit, quantized after loading with the hqq library",
     bits=(1, 2, 3, 4, 5, 6, 8),
+    knobs=("group_size",),
     pre_quantized=False,
     trains_quantized=True,
     rules=RULES,
     requirements=requirements,
     loader="trainer.quant.hqq:load",
-    default_bits=4,
+    load_kwargs=load_kwargs,
 )

@@ -60,14 +60,14 @@ def quantize_model(model: Any, bits: int, group_size: int, compute_dtype: Any, d
     return sorted(names)
 
 
-def load_and_quantize(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
+def load_and_quantize(path: str, bits: int, group_size: int, model_kwargs: Dict[str, Any]) -> Any:
     from transformers import AutoModelForCausalLM
 
     device = _device(model_kwargs)
     load_kwargs = {k: v for k, v in model_kwargs.items() if k != "device_map"}
     model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
-    names = quantize_model(model, int(cfg.quant.bits), int(cfg.quant.group_size), model_kwargs["dtype"], device)
+    names = quantize_model(model, bits, group_size, model_kwargs["dtype"], device)
     mark_linear_targets(model)  # HQQLinear is not an nn.Linear, so peft's "all-linear" misses it
     log.info("hqq: %d-bit, group size %d, on %s; quantized layers: %s",
-             cfg.quant.bits, cfg.quant.group_size, device, ", ".join(names))
+             bits, group_size, device, ", ".join(names))
     return model

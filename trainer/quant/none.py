@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-from trainer.quant import Backend
+from trainer.quant.base import Backend
 
 
-def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
+def load(path: str, spec: Any, model_kwargs: Dict[str, Any]) -> Any:
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
@@ -15,6 +15,7 @@ def load(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
 
 BACKEND = Backend(
     method="none",
+    label="no quantization",
     summary="no quantization (16/32-bit base weights)",
     bits=(),
     pre_quantized=False,

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from trainer.quant import Backend, Requirement
-from trainer.quant.common import bits_rule
+from trainer.quant.base import Backend, Requirement
 
 
 def _load(path: str, model_kwargs: Dict[str, Any], config_class: str) -> Any:
@@ -20,11 +19,11 @@ def _load(path: str, model_kwargs: Dict[str, Any], config_class: str) -> Any:
     return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant_config, **model_kwargs)
 
 
-def load_fp8(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
+def load_fp8(path: str, spec: Any, model_kwargs: Dict[str, Any]) -> Any:
     return _load(path, model_kwargs, "FineGrainedFP8Config")
 
 
-def load_mxfp4(cfg: Any, path: str, model_kwargs: Dict[str, Any]) -> Any:
+def load_mxfp4(path: str, spec: Any, model_kwargs: Dict[str, Any]) -> Any:
     return _load(path, model_kwargs, "Mxfp4Config")
 
 
@@ -35,24 +34,22 @@ def _no_requirements(cfg: Any) -> List[Requirement]:
 BACKENDS = [
     Backend(
         method="fp8",
+        label="an FP8 checkpoint",
         summary="FP8 checkpoint, dequantized on load",
         bits=(8,),
         pre_quantized=True,
         trains_quantized=False,
-        rules=[bits_rule("fp8", (8,), "an FP8 checkpoint")],
         requirements=_no_requirements,
         loader="trainer.quant.ptq:load_fp8",
-        default_bits=8,
     ),
     Backend(
         method="mxfp4",
+        label="an MXFP4 checkpoint",
         summary="MXFP4 checkpoint, dequantized on load",
         bits=(4,),
         pre_quantized=True,
         trains_quantized=False,
-        rules=[bits_rule("mxfp4", (4,), "an MXFP4 checkpoint")],
         requirements=_no_requirements,
         loader="trainer.quant.ptq:load_mxfp4",
-        default_bits=4,
     ),
 ]

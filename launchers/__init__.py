@@ -7,8 +7,8 @@ entry point (trainer/entry.py, trainer/cli.py): the entry calls them, not the ot
 
 from __future__ import annotations
 
-from trainer.plan import RunPlan
 from trainer.rundir import Composition
+from trainer.specs import RunPlan
 
 
 def launch(plan: RunPlan, composition: Composition) -> None:

@@ -11,9 +11,9 @@ from typing import List, Optional
 from trainer import checkpoints, rundir
 from trainer.errors import UserError
 from trainer.log import log_to_file
-from trainer.plan import RunPlan
 from trainer.preemption import INTERRUPT_EXIT_CODE
 from trainer.rundir import Composition
+from trainer.specs import RunPlan
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from trainer import rundir
 from trainer.errors import UserError
-from trainer.plan import RunPlan
 from trainer.preemption import SIGNAL_SPEC, signal_name
 from trainer.rundir import Composition
+from trainer.specs import RunPlan
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import List
 
 from trainer import checkpoints, rundir
-from trainer.plan import RunPlan
 from trainer.preemption import INTERRUPT_EXIT_CODE
 from trainer.rundir import Composition
-from trainer.specs import LauncherSpec
+from trainer.specs import LauncherSpec, RunPlan
 
 log = logging.getLogger(__name__)
 

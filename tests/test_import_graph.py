@@ -126,4 +126,5 @@ def test_rules_know_nothing_of_the_project_and_launchers_never_import_the_entry(
         for nxt in edges[todo.pop()] - reachable:
             reachable.add(nxt)
             todo.append(nxt)
-    assert not reachable & {"trainer.compose", "trainer.validate", "trainer.entry", "trainer.overrides"}, reachable
+    assert not reachable & {"trainer.compose", "trainer.validate", "trainer.entry", "trainer.overrides",
+                            "trainer.plan"}, reachable

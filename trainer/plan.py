@@ -1,29 +1,22 @@
-"""The RunPlan: everything a rank needs, resolved, typed and printable, computed without torch.
+"""Deciding: build_plan turns a validated composition into the RunPlan (trainer/specs.py), without torch.
 
-This is the boundary between deciding and doing. build_plan turns a validated composition into a RunPlan;
-`dry_run=true` prints it and stops; the launcher writes it to RUN_DIR/.hydra/plan.json and every rank reads
-that file back (trainer/rank.py) and trains from it. Nothing past this module reads the composed config, and
-nothing downstream re-derives a setting the plan decided: a new decision is added here.
+This is the boundary between deciding and doing. `dry_run=true` prints the plan and stops; the launcher writes
+it to RUN_DIR/.hydra/plan.json and every rank reads that file back (trainer/rank.py) and trains from it.
+Nothing past this module reads the composed config, and nothing downstream re-derives a setting the plan
+decided: a new decision is added here. (Ranks do not even import this module: they only read the plan.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
-import json
 import os
 import secrets
-from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
-from typing import Any, Dict, List, Optional
-
-import yaml
+from typing import Any, Dict, Optional
 
 from trainer import families
 from trainer.adapters import peft_spec
 from trainer.env import accelerators
-from trainer.errors import UserError
 from trainer.preemption import signal_name
 from trainer.preflight import package_versions, requirements
 from trainer.quant import backend_for
@@ -33,92 +26,15 @@ from trainer.specs import (
     LauncherSpec,
     LoggerSpec,
     ModelSpec,
-    PeftSpec,
     QuantSpec,
     RequirementSpec,
+    RunPlan,
     RunSpec,
-    SpeedSpec,
 )
 from trainer.speed import speed_spec
 from trainer.strategies import StrategySpec, chosen
 
-# Bumped when plan.json's layout changes: a rank refuses a plan of another layout (trainer/rank.py).
-PLAN_FORMAT = 2
-PLAN_FILE = "plan.json"
-
-
-def qforge_version() -> str:
-    try:
-        return version("qforge")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-@dataclass
-class RunPlan:
-    run_dir: str
-    run_name: str
-    device: str  # "cuda" or "cpu"
-    world_size: int
-    compute_dtype: str
-    model: ModelSpec
-    quant: QuantSpec
-    peft: PeftSpec
-    strategy: StrategySpec
-    data: DataSpec
-    speed: SpeedSpec
-    run: RunSpec
-    training_args: Dict[str, Any]
-    logger: LoggerSpec
-    launcher: LauncherSpec
-    requirements: List[RequirementSpec] = field(default_factory=list)
-    # Installed versions of qforge, torch, transformers, peft, accelerate and what the composition adds.
-    versions: Dict[str, str] = field(default_factory=dict)
-    warnings: List[str] = field(default_factory=list)
-    qforge_version: str = field(default_factory=qforge_version)
-    plan_format: int = PLAN_FORMAT
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    def render(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False, width=100)
-
-    @classmethod
-    def from_dict(cls, data: Dict[str, Any]) -> RunPlan:
-        """The plan back from plan.json, nested specs typed again; an unknown layout is refused."""
-        if data.get("plan_format") != PLAN_FORMAT:
-            raise UserError(f"this plan has layout {data.get('plan_format')} but this qforge reads layout "
-                            f"{PLAN_FORMAT}; launch the run again with this qforge (python train.py ...).")
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        nested = {"model": ModelSpec, "quant": QuantSpec, "peft": PeftSpec, "strategy": StrategySpec,
-                  "data": DataSpec, "speed": SpeedSpec, "run": RunSpec, "logger": LoggerSpec,
-                  "launcher": LauncherSpec}
-        values: Dict[str, Any] = {}
-        for key, value in data.items():
-            if key not in types:
-                raise UserError(f"plan.json has a key {key} this qforge does not know; launch the run again.")
-            values[key] = nested[key](**value) if key in nested else value
-        values["requirements"] = [RequirementSpec(**r) for r in data.get("requirements", [])]
-        return cls(**values)
-
-    def write(self) -> Path:
-        """RUN_DIR/.hydra/plan.json, atomically (every node of a multi-node launch may write it)."""
-        path = Path(self.run_dir) / ".hydra" / PLAN_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{PLAN_FILE}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        os.replace(tmp, path)
-        return path
-
-    @classmethod
-    def read(cls, run_dir: str) -> RunPlan:
-        path = Path(run_dir) / ".hydra" / PLAN_FILE
-        if not path.is_file():
-            raise UserError(f"{run_dir} holds no {PLAN_FILE}; a rank trains only a run its launcher planned: start "
-                            "it with python train.py (or sbatch slurm/train.sbatch).")
-        return cls.from_dict(json.loads(path.read_text()))
-
+__all__ = ["RunPlan", "build_plan"]
 
 # ---- deciding ----
 

@@ -13,8 +13,8 @@ import os
 import sys
 
 from trainer.errors import UserError
-from trainer.plan import RunPlan, qforge_version
 from trainer.preemption import INTERRUPT_EXIT_CODE
+from trainer.specs import RunPlan, qforge_version
 
 log = logging.getLogger("qforge")
 

@@ -19,9 +19,9 @@ from trainer import checkpoints, preemption, preflight, speed
 from trainer.data import load_examples
 from trainer.errors import UserError
 from trainer.model import load_for_training, load_tokenizer
-from trainer.plan import RunPlan
 from trainer.run_loss import NothingLeftToTrain, loss_callback
 from trainer.rundir import saved_config
+from trainer.specs import RunPlan
 from trainer.strategies import strategy_for
 from trainer.tracking import make_wandb_callback, plot_losses, wandb_mode, write_metrics
 

@@ -2,8 +2,10 @@
 
 A rule names the config groups it concerns and holds a predicate over the composed config that is
 true when the composition is wrong. Its message and fix are format strings over the config (`{cfg}`),
-so the sentence a user reads names their actual values. Rules live beside the thing they protect
-(a backend's rules in its module); `all_rules()` gathers them for the validator and the matrix.
+so the sentence a user reads names their actual values; a rule whose sentence needs computed values (the
+memory rule's predicted peak and fixes) names them as fields that its `details` function fills. Rules
+live beside the thing they protect (a backend's rules in its module); `all_rules()` gathers them for the
+validator and the matrix.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Iterable, List
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 
 class Severity(str, Enum):
@@ -27,15 +29,18 @@ class Rule:
     message: str
     fix: str
     severity: Severity = Severity.error
+    # Computed fields for the message and fix (called only when the rule is violated).
+    details: Optional[Callable[[Any], Dict[str, Any]]] = None
 
     def check(self, cfg: Any) -> Violation | None:
         if not self.violated(cfg):
             return None
+        fields = self.details(cfg) if self.details is not None else {}
         return Violation(
             rule_id=self.id,
             severity=self.severity,
-            message=self.message.format(cfg=cfg),
-            fix=self.fix.format(cfg=cfg),
+            message=self.message.format(cfg=cfg, **fields),
+            fix=self.fix.format(cfg=cfg, **fields),
         )
 
 
@@ -50,12 +55,14 @@ class Violation:
         return f"{self.severity.value}: [{self.rule_id}] {self.message} Fix: {self.fix}"
 
 
-def error(id: str, groups: Iterable[str], violated: Callable[[Any], bool], message: str, fix: str) -> Rule:
-    return Rule(id, tuple(groups), violated, message, fix, Severity.error)
+def error(id: str, groups: Iterable[str], violated: Callable[[Any], bool], message: str, fix: str,
+          details: Optional[Callable[[Any], Dict[str, Any]]] = None) -> Rule:
+    return Rule(id, tuple(groups), violated, message, fix, Severity.error, details)
 
 
-def warning(id: str, groups: Iterable[str], violated: Callable[[Any], bool], message: str, fix: str) -> Rule:
-    return Rule(id, tuple(groups), violated, message, fix, Severity.warning)
+def warning(id: str, groups: Iterable[str], violated: Callable[[Any], bool], message: str, fix: str,
+            details: Optional[Callable[[Any], Dict[str, Any]]] = None) -> Rule:
+    return Rule(id, tuple(groups), violated, message, fix, Severity.warning, details)
 
 
 # Facts about a composed config that many rules share; plain functions so predicates stay one line.
@@ -87,13 +94,14 @@ def _value(x: Any) -> str:
 @functools.lru_cache(maxsize=1)
 def all_rules() -> List[Rule]:
     """Every rule of the project, gathered from the modules that own them."""
-    from trainer import adapters_rules, run_rules, strategies
+    from trainer import adapters_rules, memory, run_rules, strategies
     from trainer.quant import backends
 
     rules: List[Rule] = []
     rules += run_rules.RULES
     rules += adapters_rules.RULES
     rules += strategies.RULES
+    rules += memory.RULES
     for backend in backends():
         rules += backend.rules
     ids = [r.id for r in rules]

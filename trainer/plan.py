@@ -37,6 +37,8 @@ class RunPlan:
     training_args: Dict[str, Any]
     logger: Dict[str, Any]
     launcher: Dict[str, Any]
+    # The predicted per-GPU peak memory and its breakdown (trainer/memory.py), and what it was compared with.
+    memory: Dict[str, Any] = field(default_factory=dict)
     # Installed versions of qforge, torch, transformers, peft, accelerate and what the composition adds.
     versions: Dict[str, str] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
@@ -85,6 +87,8 @@ def default_run_dir(cfg: Any, now: Optional[_dt.datetime] = None) -> str:
 
 
 def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
+    from trainer.memory import predict
+
     acc = accelerators()
     gpus = acc.gpus if cfg.launcher.name.value != "slurm" else cfg.launcher.slurm.gpus_per_node
     bf16 = acc.bf16 if cfg.launcher.name.value != "slurm" else True
@@ -93,13 +97,14 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
     run_dir = os.path.abspath(run_dir or cfg.run_dir or default_run_dir(cfg))
     size = world_size(cfg, gpus)
     strat = strategies.resolve(cfg, device=device, compute_dtype=dtype, world_size=size)
+    memory = predict(cfg)
     return RunPlan(
         run_dir=run_dir,
         run_name=cfg.run_name or os.path.basename(run_dir),
         device=device,
         world_size=size,
         compute_dtype=dtype,
-        model=_model_spec(cfg, dtype),
+        model=_model_spec(cfg, dtype, memory),
         quant=_quant_spec(cfg, dtype),
         peft=_peft_spec(cfg),
         strategy=strat,
@@ -126,11 +131,12 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
             "rdzv_endpoint": cfg.launcher.rdzv_endpoint,
             "rdzv_id": cfg.launcher.rdzv_id,
         },
+        memory=memory.to_dict(),
         versions=package_versions(cfg),
     )
 
 
-def _model_spec(cfg: Any, dtype: str) -> Dict[str, Any]:
+def _model_spec(cfg: Any, dtype: str, memory: Any) -> Dict[str, Any]:
     source = cfg.model.name_or_path
     if source is None:
         from trainer.tiny import tiny_model_dir
@@ -145,12 +151,23 @@ def _model_spec(cfg: Any, dtype: str) -> Dict[str, Any]:
         "attn_implementation": cfg.model.attn_implementation,
         "upcast_layernorm": bool(cfg.model.upcast_layernorm),
         "gradient_checkpointing": bool(cfg.train.gradient_checkpointing),
-        "checkpoint_layers": cfg.train.checkpoint_layers if cfg.train.checkpoint_layers is not None else "all",
+        # A number (the first N decoder layers are checkpointed) or "all"; auto is decided here, by the memory
+        # model, and ranks use the number (trainer.speed.callbacks).
+        **_checkpoint_layers(cfg, memory),
         # Skipped where the strategy shards lm_head (its weight is a DTensor / ZeRO partition there).
         "fused_cross_entropy": bool(cfg.train.fused_ce) and strategy(cfg) not in NO_FUSED_CE_STRATEGIES,
         "fused_lora": _fused_lora(cfg),
         "liger": "auto (CUDA and liger-kernel present)" if cfg.model.liger is None else bool(cfg.model.liger),
     }
+
+
+def _checkpoint_layers(cfg: Any, memory: Any) -> Dict[str, Any]:
+    value = cfg.train.checkpoint_layers
+    if value != "auto":
+        return {"checkpoint_layers": value if value is not None else "all"}
+    resolved = memory.checkpoint_layers if memory.known else None
+    why = memory.auto if memory.known else f"the model's shape is {memory.reason}, so every layer is checkpointed"
+    return {"checkpoint_layers": resolved if resolved is not None else "all", "checkpoint_layers_auto": why}
 
 
 def _fused_lora(cfg: Any) -> Any:

@@ -44,7 +44,7 @@ def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[
     metrics: Dict[str, Any] = {}
     # Preemption after completeness: it exits in on_save, once the checkpoint is marked complete.
     callbacks = [checkpoints.completeness_callback(cfg.train.save_total_limit), strategies.memory_callback(metrics),
-                 preemption.preemption_callback(cfg, plan.run_dir), *speed.callbacks(cfg), *extra_callbacks]
+                 preemption.preemption_callback(cfg, plan.run_dir), *speed.callbacks(plan), *extra_callbacks]
     wandb_cb = None
     if cfg.logger.name.value == "wandb":
         wandb_cb = make_wandb_callback(cfg, plan, resolved_config(cfg))

@@ -130,10 +130,12 @@ def _norms_return_input_dtype(model: Any) -> None:
             module.register_forward_hook(cast_back)
 
 
-def callbacks(cfg: Any) -> List[Any]:
-    """Trainer callbacks the speed settings need (partial checkpointing)."""
-    if cfg.train.gradient_checkpointing and cfg.train.checkpoint_layers is not None:
-        return [_partial_checkpointing(int(cfg.train.checkpoint_layers))]
+def callbacks(plan: Any) -> List[Any]:
+    """Trainer callbacks the speed settings need: partial checkpointing, with the plan's number of layers
+    (train.checkpoint_layers=auto is decided at plan time, by trainer/memory.py)."""
+    layers = plan.model.get("checkpoint_layers", "all")
+    if plan.model.get("gradient_checkpointing") and layers != "all":
+        return [_partial_checkpointing(int(layers))]
     return []
 
 

@@ -720,15 +720,16 @@ def _predict(x: Inputs, checkpointed: int, resolved: Any, auto_note: str) -> Pre
                      "memory); model.liger=true predicts them on")
 
     def local(nbytes: float, rows: int, cols: int = 1) -> float:
-        """One tensor's bytes on one GPU: FSDP2 shards dim 0 (padded to the world size); ZeRO-3 flattens
-        every parameter into equal partitions but keeps small ones (< 10 x hidden elements, the "auto"
-        stage3_param_persistence_threshold) whole on every GPU."""
+        """One tensor's bytes on one GPU: FSDP2 shards dim 0 (padded to the world size); ZeRO-3 partitions every
+        parameter and keeps small ones (<= 10 x hidden elements, the "auto" stage3_param_persistence_threshold)
+        gathered as well, for the whole run."""
         if offloaded or rows * cols <= 0:
             return 0.0
         if fsdp:
             return nbytes * math.ceil(rows / world) / rows
-        if zero3 and rows * cols >= 10 * H:
-            return nbytes * math.ceil(rows * cols / world) / (rows * cols)
+        if zero3:
+            part = nbytes * math.ceil(rows * cols / world) / (rows * cols)
+            return part + (nbytes if rows * cols <= 10 * H else 0.0)
         return nbytes
 
     static: List[Term] = []
@@ -737,8 +738,11 @@ def _predict(x: Inputs, checkpointed: int, resolved: Any, auto_note: str) -> Pre
     weights = consts = 0.0
     for _, fan_in, fan_out in linears:
         stored, const, label = base_bytes_per_param(x, fan_out, fan_in)
-        # bnb's packed 4-bit storage is one flat column of compute-dtype elements: FSDP shards it by element.
-        weights += local(stored, fan_out * fan_in)
+        if x.method == "bnb" and x.bits == 4:
+            # packed 4-bit storage is one column of compute-dtype elements (bnb_4bit_quant_storage)
+            weights += local(stored, max(int(stored // c), 1))
+        else:
+            weights += local(stored, fan_out, max(int(stored // max(fan_out, 1) // c), 1))
         consts += const
     weights, consts = weights * layers, consts * layers
     each = f", 1/{shard} each" if shard > 1 and not offloaded else (", offloaded to CPU" if offloaded else "")
@@ -784,7 +788,8 @@ def _predict(x: Inputs, checkpointed: int, resolved: Any, auto_note: str) -> Pre
     optimizer_offloaded = (zero and x.offload_optimizer) or (fsdp and x.offload_params)
     optim_per, optim_label = _optimizer_bytes_per_param(x.optim, 4 if zero else param_bytes)
     if x.do_train and count:
-        if zero:
+        if zero and (ds_cast or not zero3):
+            # ZeRO-1/2 always step an fp32 copy of their partition; ZeRO-3 only when the parameters are 16-bit.
             static.append(Term(f"DeepSpeed fp32 master copy (1/{opt_shard} each)" if not optimizer_offloaded else
                                "DeepSpeed fp32 master copy (offloaded to CPU)",
                                0.0 if optimizer_offloaded else count * 4 / opt_shard))

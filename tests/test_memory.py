@@ -296,6 +296,26 @@ def test_prediction_reproduces_the_recorded_gpu_measurements(shape_dirs: Dict[st
     assert statistics.median(errors) < 0.02, errors
 
 
+# docs/strategies_gpu.md, 2x H200: a 1.06B Llama (hidden 2048, 18 layers, intermediate 5632, 16 heads, vocab
+# 32000), bnb4 LoRA r16, batch 4 of packed 512-token rows, liger; peak GiB per GPU (max_memory_allocated over
+# the steps) and GiB allocated once the strategy wrapped the model (before the first step).
+STRATEGIES_2GPU = {"single": (1.28, 0.747), "ddp": (1.32, 0.79), "fsdp": (1.5, 0.378), "zero3": (2.11, None)}
+
+
+def test_prediction_reproduces_the_recorded_two_gpu_strategies(tmp_path: Path) -> None:
+    config = {"model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 18,
+              "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 32000, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    for strategy, (peak, wrapped) in STRATEGIES_2GPU.items():
+        launch = [] if strategy == "single" else ["launcher=torchrun", "launcher.nproc_per_node=2"]
+        p = gpu("model=local", f"model.name_or_path={tmp_path}", "quant=bnb4", "train.max_seq_len=512",
+                "train.batch_size=4", "do_eval=false", "model.liger=true", f"strategy={strategy}", *launch)
+        assert p.train_peak_bytes / GIB == pytest.approx(peak, rel=0.08), strategy
+        if wrapped is not None:
+            before_step = sum(t.bytes for t in p.static if not t.name.startswith(("optimizer", "DeepSpeed", "ZeRO")))
+            assert before_step / GIB == pytest.approx(wrapped, rel=0.05), strategy
+
+
 def test_eval_uses_the_stock_head_on_the_eval_batch(shape_dirs: Dict[str, Path]) -> None:
     model = ["model=local", f"model.name_or_path={shape_dirs['8b']}", "quant=bnb4", "train.max_seq_len=2048"]
     p = gpu(*model, "train.eval_batch_size=8")

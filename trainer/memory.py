@@ -76,6 +76,8 @@ CALIBRATION = Calibration()
 MARGIN = 0.10
 # Same threshold as trainer.lora_fused.MIN_TOKENS_X_HIDDEN (that module imports torch; a test checks they agree).
 FUSED_LORA_MIN_WORK = int(os.environ.get("QFORGE_FUSED_LORA_MIN_WORK", 2**25))
+# DeepSpeed's default stage3_max_live_parameters (elements); trainer.strategies.deepspeed_config leaves it.
+ZERO3_MAX_LIVE_PARAMETERS = 1e9
 # trainer.fused_loss.CHUNK_ELEMENTS: fp32 logits elements per chunk of the torch chunked loss.
 TORCH_CE_CHUNK_ELEMENTS = 1 << 27
 # trainer.speed.LIGER_MODEL_TYPES / NO_FUSED_LORA_STRATEGIES, repeated here to keep this module import-light.
@@ -817,11 +819,14 @@ def _predict(x: Inputs, checkpointed: int, resolved: Any, auto_note: str) -> Pre
             Term("FSDP root gathered (embeddings, lm_head)", heads * (embed - local(embed, s.vocab, H))),
             Term("FSDP all-gathered layers (current + prefetched)", 2 * layer_full)]
     elif zero3:
-        # ZeRO-3 gathers each module when it runs plus a prefetch bucket (0.9 x hidden^2 elements, "auto");
-        # the stock loss (no chunked loss under ZeRO-3) gathers the whole lm_head.
-        bucket = 0.9 * H * H * c + max(base_bytes_per_param(x, b, a)[0] for _, a, b in linears)
-        gathered_fwd = [Term("ZeRO-3 gathered lm_head and prefetch bucket", embed + bucket)]
-        gathered_bwd = [Term("ZeRO-3 gathered module and prefetch bucket", bucket)]
+        # ZeRO-3 releases a gathered parameter only once more than stage3_max_live_parameters elements are
+        # resident (DeepSpeed's default 1e9; qforge's config leaves it), so a model with fewer stored elements
+        # than that ends the forward pass wholly gathered (docs/strategies_gpu.md: 2.11 GiB per GPU against
+        # FSDP's 1.5). Stored elements: bnb's packed 4-bit weights count in compute-dtype elements.
+        elements = (layer_full * layers + embed * (1 if s.tied else 2)) / c
+        gathered = [Term("ZeRO-3 gathered parameters (up to stage3_max_live_parameters, 1e9 elements)",
+                         min(elements, ZERO3_MAX_LIVE_PARAMETERS) * c)]
+        gathered_fwd = gathered_bwd = gathered
 
     act = _activations(x, checkpointed)
     phases: List[Phase] = []

@@ -316,6 +316,18 @@ def test_prediction_reproduces_the_recorded_two_gpu_strategies(tmp_path: Path) -
             assert before_step / GIB == pytest.approx(wrapped, rel=0.05), strategy
 
 
+def test_docs_memory_shows_the_current_predictions_for_the_recorded_rows(shape_dirs: Dict[str, Path]) -> None:
+    doc = (REPO / "docs" / "memory.md").read_text()
+    for shape, extra, packed, measured, where in RECORDED:
+        p = gpu("model=local", f"model.name_or_path={shape_dirs[shape]}", "quant=bnb4", "peft=lora",
+                "train.max_seq_len=2048", "train.batch_size=4", "do_eval=false", "model.liger=true", *extra,
+                packed_rows=packed)
+        row = next(line for line in doc.splitlines() if line.startswith(f"| {where} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[4:6] == [f"{measured:.2f}", f"{p.train_peak_bytes / GIB:.2f}"], \
+            f"docs/memory.md is stale for {where}: the model now predicts {p.train_peak_bytes / GIB:.2f} GiB"
+
+
 def test_eval_uses_the_stock_head_on_the_eval_batch(shape_dirs: Dict[str, Path]) -> None:
     model = ["model=local", f"model.name_or_path={shape_dirs['8b']}", "quant=bnb4", "train.max_seq_len=2048"]
     p = gpu(*model, "train.eval_batch_size=8")

@@ -1286,12 +1286,13 @@ def _expand(arguments: Sequence[str]) -> List[List[str]]:
     return BasicSweeper.split_arguments(parsed, None)[0]
 
 
-def sweep_table(combos: Sequence[Sequence[str]], keys: Sequence[str]) -> Tuple[str, List[Dict[str, Any]]]:
+def sweep_table(combos: Sequence[Sequence[str]], keys: Sequence[str],
+                device: Optional[str] = None) -> Tuple[str, List[Dict[str, Any]]]:
     from trainer.compose import compose_many
 
     rows = []
     for overrides, cfg in zip(combos, compose_many(combos)):
-        p = predict(cfg)
+        p = predict(cfg, device=device)
         choice = {o.split("=", 1)[0]: o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] in keys}
         rows.append({"choice": choice, "known": p.known, "peak_gib": p.peak_bytes / GIB if p.known else None,
                      "needed_gib": p.needed_bytes / GIB if p.known else None, "fits": p.fits,
@@ -1346,6 +1347,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="overrides with comma lists span a grid")
     parser.add_argument("--png", default="memory_sweep.png", help="where --sweep writes its plot")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="predict a GPU run (default, bf16 where supported) or a CPU one (fp32)")
     parser.add_argument("overrides", nargs="*", help="the same overrides as python train.py takes")
     args = parser.parse_args(argv)
     from hydra.errors import HydraException
@@ -1360,14 +1363,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     key, _, value = override.partition("=")
                     values.setdefault(key, set()).add(value)
             keys = [k for k, v in values.items() if len(v) > 1] or list(values)[:1]
-            table, rows = sweep_table(combos, keys)
+            table, rows = sweep_table(combos, keys, args.device)
             print(table)
             if rows and keys:
                 print(f"plot: {sweep_png(rows, keys, Path(args.png))}")
             return 0
         from trainer.compose import compose
 
-        p = predict(compose(args.overrides))
+        p = predict(compose(args.overrides), device=args.device)
     except (HydraException, OmegaConfBaseException) as err:
         print(f"error: {str(err).strip().splitlines()[0]} Fix: check the overrides (python train.py --cfg job).",
               file=sys.stderr)

@@ -128,21 +128,15 @@ def data_for(cell: Cell, steps: int, workdir: Path) -> Path:
 
 
 def run_all(cells: Sequence[Cell], out: Path, workdir: Path, steps: int, deadline: float, smoke: bool) -> int:
-    from bench.workload import build_checkpoint
+    """Run the cells in the order given, in one worker process (restarted past a cell that kills it).
 
+    This process never touches the GPU: the worker builds the checkpoints (on the GPU, once per shape), so no
+    other process holds GPU memory while it measures.
+    """
     started = time.monotonic()
-    results = _load(out)
-    done = {r["cell"] for r in results}
-    jobs: List[Dict[str, Any]] = []
-    for shape in dict.fromkeys(c.shape for c in cells):
-        t = time.monotonic()
-        checkpoint = build_checkpoint(shape, workdir)
-        print(f"memory_bench: checkpoint {shape} ready in {time.monotonic() - t:.0f}s", flush=True)
-        for cell in cells:
-            if cell.shape == shape and cell.name not in done:
-                jobs.append({"cell": dataclasses.asdict(cell), "checkpoint": str(checkpoint),
-                             "data": str(data_for(cell, steps, workdir))})
-    pending = list(jobs)
+    done = {r["cell"] for r in _load(out)}
+    pending = [{"cell": dataclasses.asdict(cell), "checkpoint": str(workdir / f"llama-{cell.shape}"),
+                "data": str(data_for(cell, steps, workdir))} for cell in cells if cell.name not in done]
     while pending and time.monotonic() - started < deadline - 20:
         job_file = workdir / "memory-jobs.json"
         job_file.write_text(json.dumps({"jobs": pending, "steps": steps, "workdir": str(workdir), "out": str(out),
@@ -193,7 +187,15 @@ def worker(job_path: Path) -> int:
     by_group: Dict[str, List[Dict[str, Any]]] = {}
     for job in spec["jobs"]:
         by_group.setdefault(Cell(**job["cell"]).group, []).append(job)
+    from bench.workload import build_checkpoint
+
     for jobs in by_group.values():
+        shape = Cell(**jobs[0]["cell"]).shape
+        if not (Path(jobs[0]["checkpoint"]) / "config.json").exists():
+            built = time.monotonic()
+            build_checkpoint(shape, Path(spec["workdir"]))
+            _free()
+            print(f"memory_bench: checkpoint {shape} built in {time.monotonic() - built:.0f}s", flush=True)
         # peft's forward first: the fused branch leaves recompute hooks on the base model's norms and MLPs.
         jobs.sort(key=lambda j: j["cell"]["fused"])
         _run_group(jobs, spec, out, context)
@@ -224,11 +226,19 @@ def _run_group(jobs: List[Dict[str, Any]], spec: Dict[str, Any], out: Path, cont
     first = Cell(**jobs[0]["cell"])
     cfg0 = compose(first.overrides(jobs[0]["checkpoint"], jobs[0]["data"], spec["workdir"], spec["steps"]))
     started = time.monotonic()
-    source = model_source(cfg0)
-    tokenizer = load_tokenizer(cfg0, source)
-    model = load_model(cfg0, build_plan(cfg0, run_dir=tempfile.mkdtemp(dir=spec["workdir"])), source)
-    model = prepare_for_training(model, cfg0, quantized=trains_quantized(cfg0))
-    model = speed.apply(model, cfg0)
+    try:
+        source = model_source(cfg0)
+        tokenizer = load_tokenizer(cfg0, source)
+        model = load_model(cfg0, build_plan(cfg0, run_dir=tempfile.mkdtemp(dir=spec["workdir"])), source)
+        model = prepare_for_training(model, cfg0, quantized=trains_quantized(cfg0))
+        model = speed.apply(model, cfg0)
+    except Exception as err:  # noqa: BLE001  (a backend that cannot load here loses its cells, not the run)
+        for job in jobs:
+            _append(out, {"cell": Cell(**job["cell"]).name, **job["cell"],
+                          "status": f"error loading {first.group}: {type(err).__name__}: {str(err)[:300]}"})
+        print(f"memory_bench: {first.group} failed to load: {err}", flush=True)
+        _free()
+        return
     load_s = time.monotonic() - started
     base_allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     print(f"memory_bench: {first.group} loaded in {load_s:.0f}s", flush=True)

@@ -296,7 +296,6 @@ class Inputs:
     attn: str
     optim: str
     device_map_auto: bool
-    gpus_visible: int
     target_gib: Optional[float]
     target_source: str
 
@@ -376,7 +375,7 @@ def inputs_from_cfg(cfg: Any, device: Optional[str] = None, packed_rows: Optiona
         packing=bool(train.packing), packed_rows=bool(train.packing) if packed_rows is None else packed_rows,
         fused_ce=bool(train.fused_ce), fused_lora=train.fused_lora, liger=bool(liger), liger_auto=model.liger is None,
         upcast_layernorm=bool(model.upcast_layernorm), attn=str(model.attn_implementation), optim=str(train.optim),
-        device_map_auto=model.device_map is not None, gpus_visible=acc.gpus,
+        device_map_auto=model.device_map is not None,
         target_gib=target, target_source=target_source,
     )
 
@@ -913,7 +912,7 @@ def layer_tensors(x: Inputs, tokens: int, batch: int, seq: int) -> Tuple[float, 
     N, H, inter = tokens, s.hidden, s.intermediate
     Hq, Hkv = s.q_width, s.kv_width
     notes: List[str] = []
-    lora_like = x.peft in ("lora", "dora", "pissa")
+    lora_like = x.peft in ("lora", "dora", "pissa", "oft")  # DoRA and OFT approximated by peft's LoRA forward
     targeted = {n for n, _, _ in _targeted(x)} if lora_like else set()
     fused = _fused_lora(x) and bool(targeted)
     unfused = bool(targeted) and not fused
@@ -924,6 +923,11 @@ def layer_tensors(x: Inputs, tokens: int, batch: int, seq: int) -> Tuple[float, 
         or x.peft in ("full", "freeze")
     if x.method in ("eetq", "gptq", "awq", "aqlm"):
         notes.append(f"{x.method}: its kernel is assumed to keep its input for backward (not measured)")
+    if x.peft in ("full", "freeze"):
+        notes.append(f"peft={x.peft}: every layer counted as keeping its linears' inputs (approximate for freeze, "
+                     "whose frozen layers keep less)")
+    if x.peft in ("dora", "oft"):
+        notes.append(f"peft={x.peft}: its layers are counted like peft's LoRA forward (approximate)")
     # the fused branch recomputes norm outputs and the SwiGLU product instead of keeping them (lora_fused.py);
     # peft keeps the input itself only without dropout (nn.Identity), else a mask and the dropped copy.
     recipe_mlp = fused and (x.liger or s.model_type in ("llama", "mistral", "qwen2", "qwen3"))

@@ -242,7 +242,11 @@ def find_shape(cfg: Any) -> Tuple[Optional[ModelShape], str]:
     if preset.is_file():
         config = _config_at(preset)
         if config is not None:
-            return _checked(config, f"preset {model.preset}: the shipped config.json of {config.get('_hub_id', '?')}")
+            hub = config.get("_hub_id", "?")
+            where = f"preset {model.preset}: the shipped config.json of {hub}"
+            if source != hub:  # e.g. a cluster path this machine cannot see: say whose shape this is
+                where += f" ({source} is not readable here)"
+            return _checked(config, where)
     return None, (f"unknown: no config.json at {source} (not a local directory, not in the local Hugging Face "
                   "cache) and no shipped preset")
 

@@ -17,6 +17,8 @@ from typing import Any, Dict, Optional
 from trainer import families
 from trainer.adapters import peft_spec
 from trainer.env import accelerators
+from trainer.layout import nproc_per_node, resolve_compute_dtype, world_size
+from trainer.memory import predict
 from trainer.preemption import signal_name
 from trainer.preflight import package_versions, requirements
 from trainer.quant import backend_for
@@ -37,31 +39,6 @@ from trainer.strategies import StrategySpec, chosen
 __all__ = ["RunPlan", "build_plan"]
 
 # ---- deciding ----
-
-def resolve_compute_dtype(cfg: Any, gpus: int, bf16: bool) -> str:
-    chosen_dtype = cfg.quant.compute_dtype.value
-    if chosen_dtype != "auto":
-        return chosen_dtype
-    if gpus == 0:
-        return "float32"  # CPU kernels for bf16 matmul are slow and bnb's CPU path expects fp32
-    return "bfloat16" if bf16 else "float16"
-
-
-def world_size(cfg: Any, gpus: int) -> int:
-    launcher = cfg.launcher.name.value
-    if launcher == "local":
-        return 1
-    if launcher == "slurm":
-        return cfg.launcher.slurm.nodes * max(cfg.launcher.slurm.gpus_per_node, 1)
-    return nproc_per_node(cfg, gpus) * cfg.launcher.nnodes
-
-
-def nproc_per_node(cfg: Any, gpus: int) -> int:
-    value = str(cfg.launcher.nproc_per_node)
-    if value == "auto":
-        return max(gpus, 1)
-    return int(value)
-
 
 def default_run_dir(cfg: Any, now: Optional[_dt.datetime] = None) -> str:
     """A fresh dir per run: timestamp, the composition, and a random suffix.
@@ -87,7 +64,8 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
     model = _model_spec(cfg, dtype, device)
     strat = chosen(cfg).plan(cfg, device=device, compute_dtype=dtype, world_size=size,
                              decoder_layer=families.DECODER_LAYERS[model.family])
-    speed = speed_spec(cfg)
+    memory = predict(cfg)
+    speed = speed_spec(cfg, checkpoint_layers=_checkpoint_layers(cfg, memory))
     return RunPlan(
         run_dir=run_dir,
         run_name=cfg.run_name or os.path.basename(run_dir),
@@ -137,10 +115,19 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
             preemption_signal=signal_name(str(cfg.launcher.slurm.signal)),
             slurm=_slurm_settings(cfg) if slurm else None,
         ),
+        memory=memory.to_dict(),
         requirements=[RequirementSpec(asked_by, r.module, r.distribution, r.minimum, r.install, r.needs_gpu)
                       for asked_by, r in requirements(cfg)],
         versions=package_versions(cfg),
     )
+
+
+def _checkpoint_layers(cfg: Any, memory: Any) -> Optional[int]:
+    """train.checkpoint_layers as a number of layers (None: every layer); auto is the memory model's choice."""
+    value = cfg.train.checkpoint_layers
+    if value != "auto":
+        return None if value is None else int(value)
+    return memory.checkpoint_layers if memory.known else None
 
 
 def _model_spec(cfg: Any, dtype: str, device: str) -> ModelSpec:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -227,6 +227,8 @@ class SlurmConfig:
     wait: bool = False  # block until every job has ended (and exit non-zero if one failed)
     report_job: bool = True  # after a sweep, a small job writes the sweep report (trainer/report.py)
     job_name: str = "qforge"
+    # Memory of one of the job's GPUs in GiB: the memory rule refuses what cannot fit (trainer/memory.py).
+    gpu_mem_gib: Optional[float] = None
 
 
 @dataclass
@@ -254,8 +256,13 @@ class TrainLoop:
     max_grad_norm: float = 1.0
     max_seq_len: int = 512
     gradient_checkpointing: bool = True
-    # Null: every decoder layer is checkpointed; N: only the first N (memory buys back recompute).
-    checkpoint_layers: Optional[int] = None
+    # Null: every decoder layer is checkpointed; N: only the first N (memory buys back recompute); auto: the
+    # fewest that fit the GPU with a 10% margin, decided at plan time (trainer/memory.py). Any, because a
+    # structured config has no Union: the rule train.checkpoint_layers refuses every other value.
+    checkpoint_layers: Any = None
+    # Memory of one GPU in GiB, for the memory rule where it cannot be detected (a login node) or to
+    # check against a smaller GPU. Null: this machine's GPUs (none: no check), or launcher.slurm.gpu_mem_gib.
+    gpu_mem_gib: Optional[float] = None
     # Pack short examples into rows of max_seq_len tokens; attention never crosses examples.
     packing: bool = True
     # Chunked lm_head + cross-entropy: no full fp32 logits (same loss value).

@@ -156,6 +156,8 @@ class RunPlan:
     training_args: Dict[str, Any]
     logger: LoggerSpec
     launcher: LauncherSpec
+    # The predicted per-GPU peak memory and its breakdown (trainer/memory/), and what it was compared with.
+    memory: Dict[str, Any] = field(default_factory=dict)
     requirements: List[RequirementSpec] = field(default_factory=list)
     # Installed versions of qforge, torch, transformers, peft, accelerate and what the composition adds.
     versions: Dict[str, str] = field(default_factory=dict)

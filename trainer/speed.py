@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from trainer.errors import UserError
 from trainer.specs import SpeedSpec
@@ -25,7 +25,8 @@ VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 # ---- plan time (no torch): what the run will do ----
 
-def speed_spec(cfg: Any) -> SpeedSpec:
+def speed_spec(cfg: Any, checkpoint_layers: Optional[int]) -> SpeedSpec:
+    """checkpoint_layers: train.checkpoint_layers as the plan resolved it (auto by the memory model)."""
     from trainer.strategies import chosen
 
     strat = chosen(cfg)
@@ -37,7 +38,7 @@ def speed_spec(cfg: Any) -> SpeedSpec:
         fused_lora="off" if fused_lora is False or not strat.allows_fused_lora else ("on" if fused_lora else "auto"),
         liger={None: "auto", True: "on", False: "off"}[cfg.model.liger],
         gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
-        checkpoint_layers=None if cfg.train.checkpoint_layers is None else int(cfg.train.checkpoint_layers),
+        checkpoint_layers=checkpoint_layers,
         tokens_per_step=int(cfg.train.batch_size) * int(cfg.train.max_seq_len),
     )
 

@@ -2,7 +2,7 @@
 
 The rules live beside what they protect; this gathers them from their owners: the run as a whole
 (run_rules), adapters on quantized weights (adapters_rules), launchers (launcher_rules), the strategies and
-the quant backends. Nothing here is imported back by them.
+the quant backends, and the memory model (trainer/memory/rules.py). Nothing here is imported back by them.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, List, TextIO
 
 from trainer import adapters_rules, launcher_rules, run_rules, strategies
+from trainer.memory import rules as memory_rules
 from trainer.quant import backends
 from trainer.rules import Rule, Severity, Violation
 from trainer.run_rules import MISSING_VALUE
@@ -39,7 +40,8 @@ class Report:
 @functools.lru_cache(maxsize=1)
 def all_rules() -> List[Rule]:
     """Every rule of `python train.py`, gathered from the modules that own them."""
-    rules: List[Rule] = [*run_rules.RULES, *adapters_rules.RULES, *launcher_rules.RULES, *strategies.RULES]
+    rules: List[Rule] = [*run_rules.RULES, *adapters_rules.RULES, *launcher_rules.RULES, *strategies.RULES,
+                         *memory_rules.RULES]
     for backend in backends():
         rules += backend.all_rules()
     ids = [r.id for r in rules]

@@ -1,0 +1,110 @@
+"""The memory rules: a composition whose predicted peak exceeds the target GPU's memory is refused, one within
+10% warned, and train.checkpoint_layers / gpu_mem_gib values checked. Gathered by trainer/validate.py."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from trainer.memory import GIB, Inputs, Prediction, fixes, predict, predict_with_inputs, valid_checkpoint_layers
+from trainer.rules import error, warning
+
+#
+# Each memory rule asks the same question of the same config; predict_inputs() is cached on the resolved
+# inputs, so validate() computes one prediction per composition however many rules read it.
+
+def _does_not_fit(cfg: Any) -> bool:
+    return predict(cfg).fits is False
+
+
+def _tight(cfg: Any) -> bool:
+    return predict(cfg).tight
+
+
+def _unknown(cfg: Any) -> bool:
+    p = predict(cfg)
+    return not p.known and p.target_gib is not None
+
+
+def _details(cfg: Any) -> Dict[str, Any]:
+    """The computed fields of the memory rules' sentences (called only when a rule fires)."""
+    p, x = predict_with_inputs(cfg)
+    cal = p.calibration
+    phase = p.peak_phase
+    return {
+        "needed": f"{p.needed_bytes / GIB:.1f}",
+        "peak": f"{p.peak_bytes / GIB:.1f}",
+        "phase": phase.name if phase else "?",
+        "overhead": f"{cal.allocator_overhead:.0%}",
+        "context": f"{cal.cuda_context_gib:g}",
+        "target": f"{p.target_gib:g}" if p.target_gib is not None else "?",
+        "source": p.target_source,
+        "largest": ", ".join(f"{t.name} {t.gib:.1f} GiB" for t in p.largest(3)),
+        "fixes": _fixes_or_why(p, x),
+        "reason": p.reason,
+    }
+
+
+def _fixes_or_why(p: Prediction, x: Optional[Inputs]) -> str:
+    if not p.known or x is None:
+        return ""
+    try:
+        return fixes(p, x)
+    except Exception as err:  # noqa: BLE001  (a validator never crashes; the random-composition test looks)
+        return f"no fixes computed (internal error in trainer.memory: {type(err).__name__}: {err})"
+
+
+def _bad_gpu_mem(cfg: Any) -> bool:
+    return any(v is not None and not v > 0 for v in (cfg.train.gpu_mem_gib, cfg.launcher.slurm.gpu_mem_gib))
+
+
+MEMORY_GROUPS = ["model", "quant", "peft", "strategy", "train", "launcher"]
+
+RULES = [
+    error(
+        "train.checkpoint_layers",
+        ["train"],
+        lambda cfg: not valid_checkpoint_layers(cfg.train.checkpoint_layers),
+        "train.checkpoint_layers must be null (every layer), a number of layers or auto, "
+        "not {cfg.train.checkpoint_layers}.",
+        "set train.checkpoint_layers=null, a number such as 8 (the first 8 decoder layers are checkpointed), "
+        "or auto (the fewest that fit the GPU's memory).",
+    ),
+    error(
+        "train.gpu_mem_gib",
+        ["train", "launcher"],
+        _bad_gpu_mem,
+        "GPU memory must be a positive number of GiB, not train.gpu_mem_gib={cfg.train.gpu_mem_gib} / "
+        "launcher.slurm.gpu_mem_gib={cfg.launcher.slurm.gpu_mem_gib}.",
+        "set it to the memory of one GPU, e.g. train.gpu_mem_gib=80, or leave it null.",
+    ),
+    error(
+        "memory.fits",
+        MEMORY_GROUPS,
+        _does_not_fit,
+        "the predicted peak is {needed} GiB per GPU ({peak} GiB allocated at {phase} + {overhead} allocator "
+        "overhead + {context} GiB CUDA context), more than the {target} GiB GPU ({source}); largest terms: "
+        "{largest}.",
+        "{fixes} (python -m trainer.memory <the same overrides> shows the breakdown).",
+        details=_details,
+    ),
+    warning(
+        "memory.tight",
+        MEMORY_GROUPS,
+        _tight,
+        "the predicted peak, {needed} GiB per GPU ({peak} GiB allocated at {phase}), is within 10% of the "
+        "{target} GiB GPU ({source}), so fragmentation or a longer batch can push it over.",
+        "{fixes} (python -m trainer.memory <the same overrides> shows the breakdown).",
+        details=_details,
+    ),
+    warning(
+        "memory.unknown",
+        ["model", "train", "launcher"],
+        _unknown,
+        "the run's peak memory was not compared with the {target} GiB GPU ({source}): the model's shape is "
+        "{reason}.",
+        "point model.name_or_path at a local directory holding the model's config.json.",
+        details=_details,
+    ),
+]
+
+

@@ -21,13 +21,20 @@ def export_cli(*overrides: str) -> subprocess.CompletedProcess:
                           text=True, timeout=900, env=dict(os.environ))
 
 
+GPTQ = ["export.method=gptq", "model.adapters=[/some/adapter]"]
+
+
 @pytest.mark.parametrize("overrides, rule_ids", [
-    ([], {"export.calibration_dataset"}),
-    (["export.dataset=x.jsonl", "export.compute_dtype=bfloat16", "export.bits=5"],
+    ([*GPTQ], {"export.calibration_dataset"}),
+    ([*GPTQ, "export.dataset=x.jsonl", "export.compute_dtype=bfloat16", "export.bits=5"],
      {"export.fp16_compute", "export.gptq_bits"}),
-    (["export.dataset=x.jsonl", "model.family=chatglm", "export.nsamples=0"],
+    ([*GPTQ, "export.dataset=x.jsonl", "model.family=chatglm", "export.nsamples=0"],
      {"export.no_chatglm", "export.positive_sizes"}),
-    (["export.dataset=x.jsonl"], set()),
+    ([*GPTQ, "export.dataset=x.jsonl"], set()),
+    (["model.adapters=[/some/adapter]", "export.bits=5"], set()),  # merged: GPTQ's knobs are not its rules
+    ([], {"export.needs_an_adapter"}),
+    (["run_dir=/runs/x", "model.adapters=[/a]"], {"export.one_source"}),
+    (["export.method=adapter", "model.adapters=[/a,/b]"], {"export.adapter_is_one"}),
 ])
 def test_export_rules(overrides: List[str], rule_ids: set) -> None:
     from trainer.export import compose_export
@@ -38,7 +45,7 @@ def test_export_rules(overrides: List[str], rule_ids: set) -> None:
 
 
 def test_export_without_calibration_data_is_refused_in_one_sentence() -> None:
-    result = export_cli()
+    result = export_cli(*GPTQ)
     assert result.returncode != 0
     assert "[export.calibration_dataset] GPTQ export needs a calibration dataset" in result.stderr
     assert "Traceback" not in result.stderr
@@ -48,7 +55,7 @@ def test_export_refuses_an_unmerged_adapter_given_as_the_model(tmp_path: Path) -
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
-    result = export_cli("model=local", f"model.name_or_path={adapter}",
+    result = export_cli("model=local", f"model.name_or_path={adapter}", f"model.adapters=[{adapter}]",
                         "export.dataset=${asset:sample_instructions.jsonl}")
     assert result.returncode != 0
     assert "is an unmerged adapter, not a model" in result.stderr and "Traceback" not in result.stderr
@@ -73,7 +80,8 @@ def test_gptq_round_trip_merges_the_adapter_and_trains_on_the_export(tmp_path: P
     peft_model.save_pretrained(tmp_path / "adapter")
 
     out = tmp_path / "gptq4"
-    result = export_cli("model.tiny.num_hidden_layers=2", f"model.adapters=[{tmp_path / 'adapter'}]",
+    result = export_cli("export.method=gptq", "model.tiny.num_hidden_layers=2",
+                        f"model.adapters=[{tmp_path / 'adapter'}]",
                         "export.dataset=${asset:sample_instructions.jsonl}", "export.nsamples=16",
                         "export.max_len=64", "export.group_size=32", f"output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -32,8 +32,8 @@ class CompositionError(UserError):
     exit_code = 2
 
 
-@functools.lru_cache(maxsize=1)
-def schema_keys() -> Dict[str, Any]:
+@functools.lru_cache(maxsize=4)
+def schema_keys(schema: type = RunConfig) -> Dict[str, Any]:
     """Every dotted key of the schema -> its annotated type (nested dataclasses walked, Optional ones too)."""
     found: Dict[str, Any] = {}
 
@@ -46,7 +46,7 @@ def schema_keys() -> Dict[str, Any]:
             if dataclasses.is_dataclass(kind):
                 walk(kind, key + ".")
 
-    walk(RunConfig, "")
+    walk(schema, "")
     return found
 
 
@@ -80,8 +80,10 @@ def _suggest(word: str, candidates: Iterable[str]) -> str:
     return f" (did you mean {match}?)" if match else ""
 
 
-def explain(err: BaseException, conf_dir: str) -> Optional[str]:
-    """One line for a Hydra/OmegaConf composition error, or None when it is not one (a real bug)."""
+def explain(err: BaseException, conf_dir: str, schema: type = RunConfig) -> Optional[str]:
+    """One line for a Hydra/OmegaConf composition error, or None when it is not one (a real bug).
+
+    `schema`: the structured config composed (train.py's RunConfig, the export's ExportRunConfig)."""
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
@@ -99,9 +101,9 @@ def explain(err: BaseException, conf_dir: str) -> Optional[str]:
                     f"the {group} options are: {', '.join(listed)}.")
         return None
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
-        return unknown_key_message(str(cause.full_key))
+        return unknown_key_message(str(cause.full_key), schema)
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
-        return bad_value_message(str(cause.full_key), cause)
+        return bad_value_message(str(cause.full_key), cause, schema)
     if isinstance(err, ConfigCompositionException):
         first = str(err).splitlines()[0]
         if "Could not append to config. An item is already at" in first:
@@ -114,13 +116,13 @@ def explain(err: BaseException, conf_dir: str) -> Optional[str]:
     return None
 
 
-def unknown_key_message(key: str) -> str:
-    return (f"{key} is not a setting{_suggest(key, schema_keys())}; qforge accepts only the keys of its schema "
-            f"({KEYS_HINT}).")
+def unknown_key_message(key: str, schema: type = RunConfig) -> str:
+    return (f"{key} is not a setting{_suggest(key, schema_keys(schema))}; qforge accepts only the keys of its "
+            f"schema ({KEYS_HINT}).")
 
 
-def bad_value_message(key: str, cause: Any) -> str:
-    kind = schema_keys().get(key)
+def bad_value_message(key: str, cause: Any, schema: type = RunConfig) -> str:
+    kind = schema_keys(schema).get(key)
     value = getattr(cause, "value", None)
     shown = f"{key}={value}" if value is not None else key
     import enum

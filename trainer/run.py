@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
 import resource
 import time
@@ -107,7 +108,9 @@ def train(plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
         before = [h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h and h.get("step") == 0]
         if before:
             metrics["eval_loss_before"] = before[0]
+            metrics["eval_perplexity_before"] = perplexity(before[0])
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
 
     metrics.update(_memory())
     metrics["world_size"] = plan.world_size
@@ -121,6 +124,11 @@ def train(plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
         if wandb_cb is not None:
             wandb_cb.finish(metrics)
     return metrics
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token loss); capped so a diverged run reports a large number, not an overflow."""
+    return math.exp(min(loss, 50.0))
 
 
 def _plugged_in(plan: RunPlan) -> List[Any]:

@@ -185,6 +185,55 @@ def test_warned_job_checkpoints_requeues_and_resumes_like_an_uninterrupted_run(t
     assert len(segments) == 2 and all(name.endswith(f"-{run_id}") for name in segments)
 
 
+@on_cluster
+def test_a_two_node_job_trains_one_run_and_a_preempted_one_resumes_exactly(tiny_model: None, tmp_path: Path) -> None:
+    """launcher.slurm.nodes=2 for real: two slurmd node agents on this host, one task per node, the head node found
+    inside the allocation, a c10d rendezvous, torchrun on each node; warned mid-run, the job checkpoints on both
+    nodes, requeues and resumes, and ends where a 2-process run of the same work ends."""
+    from tests.slurm.fixtures import NODES
+
+    assert NODES >= 2
+    training = ["strategy=ddp", "train.max_steps=12", "train.save_steps=3", "train.eval_steps=12",
+                "train.logging_steps=1", "train.max_seq_len=128", "train.batch_size=2", "train.eval_batch_size=4",
+                "train.callbacks=[tests.probes:rank_params]"]
+    run_dir, reference_dir = tmp_path / "two-node", tmp_path / "reference"
+    submitted = run_cli(*TINY_JOB, "launcher.slurm.nodes=2", *training, f"run_dir={run_dir}")
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
+    job = re.search(r"submitted Slurm job (\d+)_0", submitted.stderr).group(1)
+
+    marker = run_dir / "checkpoints" / "checkpoint-3" / "qforge_complete.json"
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert time.monotonic() < deadline, (run_dir / "slurm" / f"{job}_0.out").read_text(errors="replace")[-3000:]
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--batch", "--signal=USR2", f"{job}_0"], check=True)
+    assert wait_for(job, 1, timeout=400, max_poll=1) == {0: "COMPLETED"}
+    # The same work as one node with two processes, outside Slurm: what the two-node job must end at.
+    reference = run_cli(*[o for o in TINY_JOB if not o.startswith("launcher")], *training, "launcher=torchrun",
+                        "launcher.nproc_per_node=2", f"run_dir={reference_dir}", timeout=600)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    log = (run_dir / "slurm" / f"{job}_0.out").read_text(errors="replace")
+    assert "2 node(s) x 1 process(es)" in log and f"requeueing job {job}" in log
+    nodes = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+    assert re.search(r"NumNodes=2\b", nodes), nodes
+    first, second = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    stop = first["last_step"]
+    assert first["ended"] == "preempted" and second["first_step"] == stop and second["last_step"] == 12
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    expected = json.loads((reference_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == expected["world_size"] == 2 and metrics["steps"] == 12
+
+    def norms(m: dict) -> list:
+        return [(h["step"], h["grad_norm"]) for h in m["log_history"] if "grad_norm" in h]
+
+    assert [s for s, _ in norms(metrics)] == list(range(1, 13))
+    assert [g for _, g in norms(metrics)] == pytest.approx([g for _, g in norms(expected)], rel=1e-5)
+    assert metrics["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
+    params = [json.loads((run_dir / f"rank_params-{r}.json").read_text()) for r in range(2)]
+    assert params[0]["sha256"] == params[1]["sha256"]  # the two nodes' ranks trained one model
+
+
 def _cluster(**changes: object) -> SimpleNamespace:
     base = dict(partition="gpu", account="proj", qos="high", time="02:00:00", nodes=4, gpus_per_node=8,
                 cpus_per_task=12, mem="400G", constraint="h100", signal="USR2@300", extra=["--exclusive"],

@@ -131,7 +131,8 @@ def _check_run_dir(cfg: Any, run_dir: str) -> None:
                         "leave run_dir unset for a fresh dir, or pick a new one.")
     saved = path / ".hydra" / "config.yaml"
     if not saved.is_file():
-        if any(path.iterdir()):
+        # Only .hydra/: another node's launcher of this multi-node run is writing it right now.
+        if any(p.name != ".hydra" for p in path.iterdir()):
             raise UserError(f"run_dir={run_dir} is a directory that holds other files and no qforge run; pick an "
                             "empty or new directory, or leave run_dir unset.")
         _check_writable(path, cfg)

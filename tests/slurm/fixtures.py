@@ -1,8 +1,9 @@
-"""A real single-node Slurm cluster for the test session (Debian's slurm-wlm + munge, on loopback).
+"""A real Slurm cluster for the test session (Debian's slurm-wlm + munge, on loopback): one slurmctld and two
+slurmd node agents on this host, so multi-node jobs run for real.
 
-`slurm_cluster` installs Slurm if missing (tests/slurm/cluster.sh install), starts slurmctld, slurmd
-and a private munged in a temp dir on two free ports (so a second test session on the same machine
-gets its own cluster), points SLURM_CONF at it, and stops every daemon by its pid file afterwards.
+`slurm_cluster` installs Slurm if missing (tests/slurm/cluster.sh install), starts slurmctld, the slurmds and a
+private munged in a temp dir on free ports (so a second test session on the same machine gets its own
+cluster), points SLURM_CONF at it, and stops every daemon by its pid file afterwards.
 It skips only where a cluster cannot be had at all: not root, or no apt-get to install Slurm with.
 """
 
@@ -18,6 +19,7 @@ from typing import Iterator
 import pytest
 
 CLUSTER_SH = Path(__file__).resolve().parent / "cluster.sh"
+NODES = 2  # slurmd node agents on this host (tests/slurm/cluster.sh)
 
 
 def _free_port() -> int:
@@ -42,7 +44,8 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         pytest.skip("the local Slurm cluster runs its daemons as root; run the suite as root")
     _ensure_installed()
     root = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "QFORGE_SLURMCTLD_PORT": str(_free_port()), "QFORGE_SLURMD_PORT": str(_free_port())}
+    env = {**os.environ, "QFORGE_SLURMCTLD_PORT": str(_free_port()), "QFORGE_SLURM_NODES": str(NODES),
+           "QFORGE_SLURMD_PORTS": ",".join(str(_free_port()) for _ in range(NODES))}
     started = subprocess.run(["bash", str(CLUSTER_SH), "start", str(root)], capture_output=True, text=True,
                              env=env, timeout=180)
     previous = os.environ.get("SLURM_CONF")

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional
 import yaml
 
 from trainer import strategies
+from trainer.data.spec import data_spec
 from trainer.env import accelerators
 from trainer.preflight import package_versions
 from trainer.quant import backend_for
@@ -103,14 +104,7 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
         quant=_quant_spec(cfg, dtype),
         peft=_peft_spec(cfg),
         strategy=strat,
-        data={
-            "format": cfg.data.format.value,
-            "path": cfg.data.path,
-            "eval_fraction": cfg.data.eval_fraction,
-            "max_samples": cfg.data.max_samples,
-            "max_seq_len": cfg.train.max_seq_len,
-            "packing": bool(cfg.train.packing),
-        },
+        data=data_spec(cfg),
         training_args=training_args(cfg, run_dir, device, dtype, strat),
         logger={
             "name": cfg.logger.name.value,

@@ -88,10 +88,12 @@ def _value(x: Any) -> str:
 def all_rules() -> List[Rule]:
     """Every rule of the project, gathered from the modules that own them."""
     from trainer import adapters_rules, run_rules, strategies
+    from trainer.data import rules as data_rules
     from trainer.quant import backends
 
     rules: List[Rule] = []
     rules += run_rules.RULES
+    rules += data_rules.RULES
     rules += adapters_rules.RULES
     rules += strategies.RULES
     for backend in backends():

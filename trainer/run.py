@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Dict, Sequence
 
 from trainer import checkpoints, preemption, preflight, speed, strategies
-from trainer.data import load_examples
 from trainer.model import load_for_training, load_tokenizer, model_source
 from trainer.plan import RunPlan
 from trainer.rundir import resolved_config
@@ -29,10 +28,14 @@ def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[
         # Named, not detected: DeepSpeed (imported by the Trainer) otherwise warns that it found no GPU.
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-    # Data first: a bad file costs a second here, not a model load.
+    # Data first: a bad file costs a second here, not a model load. Rank 0 tokenizes (once per data
+    # fingerprint, cached on disk); the other ranks wait and memory-map the same cache. Packed rows
+    # (train.packing) or padded examples; speed.py and packing.py say why either is the same loss.
+    from trainer.data.prepare import training_data
+
     tokenizer = load_tokenizer(cfg, model_source(cfg))
-    train_examples, eval_examples = load_examples(cfg, tokenizer)
-    log.info("data: %d train / %d eval examples from %s", len(train_examples), len(eval_examples), cfg.data.path)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    train_set, eval_set, collator = training_data(plan.data, tokenizer, rank=rank, world_size=world)
 
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
@@ -49,8 +52,6 @@ def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[
     if cfg.logger.name.value == "wandb":
         wandb_cb = make_wandb_callback(cfg, plan, resolved_config(cfg))
         callbacks.append(wandb_cb)
-    # Packed rows (train.packing) or padded examples; speed.py says why either is the same loss.
-    train_set, eval_set, collator = speed.training_data(cfg, tokenizer, train_examples, eval_examples)
     trainer = Trainer(
         model=model,
         args=args,

@@ -1,15 +1,15 @@
 """The speed pass, in one place: packing, the chunked loss, liger-kernel, and partial checkpointing.
 
 None of these change what is learned: the same tokens are trained with the same loss (bench/ checks the
-first-step loss against plain HF + peft on the same batch). run.py and model.py call the three public
-functions below; everything else about speed lives here and in packing.py / fused_loss.py.
+first-step loss against plain HF + peft on the same batch). model.py and run.py call the public functions
+below; packing is trainer/packing.py (used by trainer/data/prepare.py), the chunked loss fused_loss.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Any, List, Sequence, Tuple
+from typing import Any, List
 
 from trainer.errors import UserError
 from trainer.rules import SHARDED_STRATEGIES, strategy
@@ -25,22 +25,6 @@ NO_FUSED_CE_STRATEGIES = SHARDED_STRATEGIES
 # The fused LoRA branch reads lora_A/lora_B weights inside the LoRA layer's forward without calling
 # those submodules, so ZeRO-3's per-module gather hooks would never fire. FSDP2 gathers per decoder layer.
 NO_FUSED_LORA_STRATEGIES = ("zero3", "zero3_offload")
-
-
-def training_data(cfg: Any, tokenizer: Any, train_examples: Sequence[Any], eval_examples: Sequence[Any]) -> Tuple:
-    """(train dataset, eval dataset or None, collator): packed rows when train.packing, padded examples otherwise."""
-    from trainer.data import ExampleDataset, PadCollator
-    from trainer.packing import VARLEN_ATTENTION, PackedCollator, PackedDataset
-
-    if not cfg.train.packing:
-        return (ExampleDataset(list(train_examples)), ExampleDataset(list(eval_examples)) if eval_examples else None,
-                PadCollator(tokenizer.pad_token_id))
-    capacity = int(cfg.train.max_seq_len)
-    train_set = PackedDataset(train_examples, capacity, seed=cfg.data.split_seed)
-    eval_set = PackedDataset(eval_examples, capacity, seed=cfg.data.split_seed) if eval_examples else None
-    log.info("packing: %d train examples into %d rows of <= %d tokens", len(train_examples), len(train_set), capacity)
-    flatten = cfg.model.attn_implementation in VARLEN_ATTENTION
-    return train_set, eval_set, PackedCollator(tokenizer.pad_token_id, flatten=flatten)
 
 
 def liger_available() -> bool:

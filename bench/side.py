@@ -37,13 +37,27 @@ def qforge_overrides(job: Dict[str, Any], item: Dict[str, Any], extra: List[str]
 def examples_for(job: Dict[str, Any], item: Dict[str, Any]) -> tuple:
     """qforge's own tokenization of the item's data: both sides train on exactly these token ids."""
     from trainer.compose import compose
-    from trainer.data import load_examples
+    from trainer.data.prepare import examples
+    from trainer.data.spec import data_spec
     from trainer.model import load_tokenizer
 
     cfg = compose(qforge_overrides(job, item, []))
     tokenizer = load_tokenizer(cfg, job["checkpoint"])
-    train, _ = load_examples(cfg, tokenizer)
+    train, _ = examples(data_spec(cfg), tokenizer)
     return train, tokenizer
+
+
+def probe_batches(cfg: Any, tokenizer: Any, examples: List[Any]) -> tuple:
+    """The probe examples as the run batches them: packed rows (train.packing) or padded examples."""
+    from trainer.data import ExampleDataset, PadCollator
+    from trainer.data.spec import VARLEN_ATTENTION
+    from trainer.packing import PackedCollator, PackedDataset
+
+    if not cfg.train.packing:
+        return ExampleDataset(examples), PadCollator(tokenizer.pad_token_id)
+    flatten = cfg.model.attn_implementation in VARLEN_ATTENTION
+    return (PackedDataset(examples, int(cfg.train.max_seq_len), seed=cfg.data.split_seed),
+            PackedCollator(tokenizer.pad_token_id, flatten=flatten))
 
 
 def probe_loss(model: Any, batch: Dict[str, Any]) -> float:
@@ -195,7 +209,6 @@ def run_baseline(job: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def run_qforge(job: Dict[str, Any]) -> List[Dict[str, Any]]:
     from trainer import run as qforge_run
-    from trainer import speed
     from trainer.compose import compose
     from trainer.plan import build_plan
     from trainer.validate import validate
@@ -209,7 +222,7 @@ def run_qforge(job: Dict[str, Any]) -> List[Dict[str, Any]]:
                 raise SystemExit(f"qforge rejected {variant}: {[v.line() for v in report.errors]}")
             examples, tokenizer = examples_for(job, item)
             # The probe batch goes through qforge's own batching path (packed rows or padded).
-            probe_set, _, collator = speed.training_data(cfg, tokenizer, examples[: item["batch"]], [])
+            probe_set, collator = probe_batches(cfg, tokenizer, examples[: item["batch"]])
             meter = Meter(tokenizer.pad_token_id, collator([probe_set[i] for i in range(len(probe_set))]),
                           job["warmup"])
             plan = build_plan(cfg)

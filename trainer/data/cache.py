@@ -74,14 +74,14 @@ def build_once(spec: Dict[str, Any], key: str, build: Callable[[Path], Dict[str,
     target = entry(spec, key)
     if not is_complete(target):
         if rank == 0:
-            _build(target, key, build)
+            _build(target, key, build, tell_others=world_size > 1)
         else:
             _wait(target, key)
     _barrier(world_size)
     return target
 
 
-def _build(target: Path, key: str, build: Callable[[Path], Dict[str, Any]]) -> None:
+def _build(target: Path, key: str, build: Callable[[Path], Dict[str, Any]], tell_others: bool) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     note = _failure_note(target.parent, key)
     note.unlink(missing_ok=True)
@@ -98,6 +98,8 @@ def _build(target: Path, key: str, build: Callable[[Path], Dict[str, Any]]) -> N
             if not is_complete(target):  # another run built it meanwhile: theirs is the same data
                 raise
     except BaseException as err:
+        if not tell_others:
+            raise
         message = str(err) if isinstance(err, UserError) else f"rank 0 failed while tokenizing ({type(err).__name__})"
         note.write_text(json.dumps({"run": _run_id(), "message": message}))
         raise

@@ -74,6 +74,8 @@ def training_data(spec: Dict[str, Any], tokenizer: Any, rank: int = 0, world_siz
 
 def prepare(spec: Dict[str, Any], tokenizer: Any, rank: int = 0, world_size: int = 1) -> Prepared:
     """Find or build (rank 0; others wait) the cache entry for this spec and tokenizer, and memory-map it."""
+    for source in spec["sources"]:
+        sources.check_exists(source)
     template = templates.resolve(spec["template"], tokenizer, chat_data=_has_chat_data(spec))
     key = cache.cache_key(spec, tokenizer, template.text)
     built_here = False

@@ -37,13 +37,26 @@ def load(source: Dict[str, Any], raw_cache: str, streaming: bool = False) -> Any
     return dataset
 
 
+def check_exists(source: Dict[str, Any]) -> None:
+    """Before anything is created: a source that is not there is one sentence naming the key to fix."""
+    path = source["path"]
+    if source["kind"] == "file" and not os.path.isfile(path):
+        raise UserError(f"data file {path} does not exist; set {source['where']}.path to an existing file (jsonl, "
+                        "json, parquet, csv, arrow), a save_to_disk directory or a hub dataset id in the local cache.")
+    if source["kind"] == "saved" and not os.path.isdir(path):
+        raise UserError(f"{path} does not exist; set {source['where']}.path to a directory written by "
+                        "datasets' save_to_disk.")
+    if source["kind"] == "hub" and hub_cache_entry(path, source.get("subset")) is None:
+        raise UserError(f"hub dataset {path} is not in the local Hugging Face cache ({datasets_cache_root()}) and "
+                        f"qforge never downloads; fetch it once with `{fetch_command(source)}` where the hub is "
+                        "reachable (with the same HF_HOME), then run again.")
+
+
 def _load_file(source: Dict[str, Any], raw_cache: str, streaming: bool) -> Any:
     import datasets
 
+    check_exists(source)
     path = source["path"]
-    if not os.path.isfile(path):
-        raise UserError(f"data file {path} does not exist; set {source['where']}.path to an existing file (jsonl, "
-                        "json, parquet, csv, arrow), a save_to_disk directory or a hub dataset id in the local cache.")
     file_type = source["file_type"]
     if file_type == "json" and os.path.getsize(path) > 0 and not _starts_with_bracket(path):
         bad = first_bad_json_line(path) if os.path.getsize(path) < (1 << 30) else None
@@ -79,10 +92,8 @@ def _only_blank(path: str) -> bool:
 def _load_saved(source: Dict[str, Any], streaming: bool) -> Any:
     import datasets
 
+    check_exists(source)
     path = source["path"]
-    if not os.path.isdir(path):
-        raise UserError(f"{path} does not exist; set {source['where']}.path to a directory written by "
-                        "datasets' save_to_disk.")
     try:
         saved = datasets.load_from_disk(path)
     except FileNotFoundError:
@@ -105,11 +116,8 @@ def fetch_command(source: Dict[str, Any]) -> str:
 def _load_hub(source: Dict[str, Any], streaming: bool) -> Any:
     import datasets
 
+    check_exists(source)
     hub_id, subset, split = source["path"], source.get("subset"), source["split"]
-    if hub_cache_entry(hub_id, subset) is None:
-        raise UserError(f"hub dataset {hub_id} is not in the local Hugging Face cache ({datasets_cache_root()}) and "
-                        f"qforge never downloads; fetch it once with `{fetch_command(source)}` where the hub is "
-                        "reachable (with the same HF_HOME), then run again.")
     try:
         with _offline():
             dataset = datasets.load_dataset(hub_id, subset, split=split, cache_dir=str(datasets_cache_root()))

@@ -92,6 +92,8 @@ def _build(target: Path, key: str, build: Callable[[Path], Dict[str, Any]], tell
         meta.update({"key": key, "built_by": {"rank": 0, "host": socket.gethostname(), "pid": os.getpid()},
                      "build_seconds": round(time.monotonic() - started, 3), "built_at": time.time()})
         (scratch / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")  # last: marks it complete
+        if target.exists() and not is_complete(target):
+            shutil.rmtree(target)  # not ours and not complete (a copy cut short): never read, replaced
         try:
             os.rename(scratch, target)
         except OSError:

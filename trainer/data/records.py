@@ -34,7 +34,7 @@ def alpaca_fields(record: Mapping[str, Any], columns: Mapping[str, str], where: 
             fields = ", ".join(sorted(record)) or "none"
             raise UserError(f"{where} has no text field '{column(columns, key)}' (its fields: {fields}), which the "
                             "alpaca format needs (instruction, optional input, output); map yours with "
-                            f"data.columns (e.g. data.columns.{key}=<your column>) or set data.format.")
+                            f"data.columns (e.g. +data.columns.{key}=<your column>) or set data.format.")
         out[key] = value
     for key in ("input", "system"):
         value = record.get(column(columns, key))
@@ -59,7 +59,7 @@ def sharegpt_messages(record: Mapping[str, Any], columns: Mapping[str, str], whe
     if not isinstance(messages, list) or not messages:
         fields = ", ".join(sorted(record)) or "none"
         raise UserError(f"{where} has no '{key}' (or 'messages') list (its fields: {fields}), which the sharegpt "
-                        f"format needs; map yours with data.columns.conversations=<your column> or set data.format.")
+                        f"format needs; map yours with +data.columns.conversations=<your column> or set data.format.")
     role_key, content_key = column(columns, "role"), column(columns, "content")
     out: List[Message] = []
     system = record.get(column(columns, "system"))
@@ -73,7 +73,7 @@ def sharegpt_messages(record: Mapping[str, Any], columns: Mapping[str, str], whe
         if role is None or not isinstance(text, str):
             raise UserError(f"{where} has a message without a known role (from/role: human, gpt, user, "
                             "assistant, system) and a text value; fix that message or map its keys with "
-                            "data.columns.role / data.columns.content.")
+                            "+data.columns.role / +data.columns.content.")
         out.append({"role": role, "content": text})
     if not any(m["role"] == "assistant" for m in out):
         raise UserError(f"{where} has no assistant turn to learn from; add one or drop the record.")

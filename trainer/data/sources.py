@@ -164,7 +164,7 @@ def check_columns(source: Dict[str, Any], dataset: Any) -> None:
         field = "instruction" if needed == source["columns"].get("instruction", "instruction") else (
             "output" if source["format"] == "alpaca" else "conversations")
         raise UserError(f"{label(source)} record 1 has no field '{needed}' (its columns: {', '.join(names)}), which "
-                        f"the {source['format']} format needs; map yours with data.columns.{field}=<your column> "
+                        f"the {source['format']} format needs; map yours with +data.columns.{field}=<your column> "
                         "or set data.format.")
 
 

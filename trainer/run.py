@@ -36,6 +36,7 @@ def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[
     tokenizer = load_tokenizer(cfg, model_source(cfg))
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     train_set, eval_set, collator = training_data(plan.data, tokenizer, rank=rank, world_size=world)
+    _record_data(plan.run_dir, rank, train_set)
 
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
@@ -102,6 +103,23 @@ def train(cfg: Any, plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[
         if wandb_cb is not None:
             wandb_cb.finish(metrics)
     return metrics
+
+
+def _record_data(run_dir: str, rank: int, train_set: Any) -> None:
+    """data/rank-<r>.json: which cache entry this rank trained on and whether it tokenized (provenance)."""
+    import hashlib
+    import json
+
+    prepared = getattr(train_set, "prepared", None)
+    if prepared is None:  # streaming: nothing is cached
+        return
+    first_rows = json.dumps([train_set[i]["input_ids"] for i in range(min(4, len(train_set)))])
+    record = {"rank": rank, "cache": str(prepared.path), "key": prepared.meta["key"], "tokenized_here":
+              prepared.built_here, "train_rows": len(train_set), "train_examples": len(prepared.train_index),
+              "first_rows_sha256": hashlib.sha256(first_rows.encode()).hexdigest()}
+    target = Path(run_dir, "data")
+    target.mkdir(parents=True, exist_ok=True)
+    (target / f"rank-{rank}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _memory() -> Dict[str, Any]:

@@ -61,14 +61,19 @@ def training_data(spec: Dict[str, Any], tokenizer: Any, rank: int = 0, world_siz
     data = prepare(spec, tokenizer, rank, world_size)
     from trainer.data.sets import TokenizedRows
 
+    log.info("data: %d train / %d eval examples (cache %s)", len(data.train_index), len(data.eval_index), data.path)
+
     train_rows = TokenizedRows(data.table, data.train_index, data.lengths)
     eval_rows = TokenizedRows(data.table, data.eval_index, data.lengths) if len(data.eval_index) else None
     if not spec["packing"]:
-        return ExampleDataset(train_rows), ExampleDataset(eval_rows) if eval_rows is not None else None, collator
-    capacity = spec["max_seq_len"]
-    train_set = PackedDataset(train_rows, capacity, bins=data.bins("train"))
-    eval_set = PackedDataset(eval_rows, capacity, bins=data.bins("eval")) if eval_rows is not None else None
-    log.info("packing: %d train examples in %d rows of <= %d tokens", len(train_rows), len(train_set), capacity)
+        train_set: Any = ExampleDataset(train_rows)
+        eval_set: Any = ExampleDataset(eval_rows) if eval_rows is not None else None
+    else:
+        capacity = spec["max_seq_len"]
+        train_set = PackedDataset(train_rows, capacity, bins=data.bins("train"))
+        eval_set = PackedDataset(eval_rows, capacity, bins=data.bins("eval")) if eval_rows is not None else None
+        log.info("packing: %d train examples in %d rows of <= %d tokens", len(train_rows), len(train_set), capacity)
+    train_set.prepared = data  # where the rows came from: run.record_data writes it down per rank
     return train_set, eval_set, collator
 
 
@@ -88,8 +93,7 @@ def prepare(spec: Dict[str, Any], tokenizer: Any, rank: int = 0, world_size: int
     data = load(path)
     data.built_here = built_here
     if not built_here:
-        log.info("data: cached %s (%d train / %d eval examples), no tokenizing", path, len(data.train_index),
-                 len(data.eval_index))
+        log.info("data: found the tokenized cache, no tokenizing")
     return data
 
 

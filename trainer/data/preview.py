@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from pathlib import Path
+import tempfile
 from typing import Any, Dict, List, Sequence, TextIO
 
 from trainer.errors import UserError
@@ -63,13 +63,13 @@ def preview(overrides: Sequence[str], n_examples: int, n_records: int, out: Text
         records = s["records"] if s["records"] is not None else "unknown until read"
         print(f"source {s['path']} ({s['kind']}, {s['format']}, split {s['split']}): weight {s['weight']:g}, "
               f"{records} records{planned}", file=out)
-    raw_cache = str(Path(spec["cache_dir"]) / "raw")
     encoders, heads = [], []
-    for source in spec["sources"]:
-        encoders.append(Encoder(tokenizer, template, source["format"], source["columns"], spec["max_seq_len"],
-                                sources.label(source)))
-        stream = sources.load(source, raw_cache, streaming=True)
-        heads.append(list(itertools.islice(iter(stream), max(n_records, n_examples))))
+    with tempfile.TemporaryDirectory() as scratch:  # streamed: datasets leaves only lock files, here
+        for source in spec["sources"]:
+            encoders.append(Encoder(tokenizer, template, source["format"], source["columns"], spec["max_seq_len"],
+                                    sources.label(source)))
+            stream = sources.load(source, scratch, streaming=True)
+            heads.append(list(itertools.islice(iter(stream), max(n_records, n_examples))))
     color = out.isatty()
     shown = 0
     for index in range(max(len(h) for h in heads)):

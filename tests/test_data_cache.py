@@ -115,3 +115,11 @@ def test_other_ranks_wait_for_rank_0_and_share_its_failure(tmp_path: Path, monke
     with pytest.raises(UserError, match="bad record 7"):
         cache.build_once(spec, "k2", lambda s: {}, 1, 2)
     failing.join()
+
+
+def test_worker_processes_tokenize_exactly_what_one_process_does(tmp_path: Path, tok) -> None:
+    one = prepare(spec_for(tmp_path / "one"), tok)
+    two = prepare(spec_for(tmp_path / "two", "data.num_proc=2"), tok)
+    assert two.meta["num_proc"] == 2 and len(two.meta["shards"]) == 2
+    assert one.table[:]["input_ids"] == two.table[:]["input_ids"] and one.table[:]["labels"] == two.table[:]["labels"]
+    assert list(one.train_index) == list(two.train_index)

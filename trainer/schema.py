@@ -198,7 +198,7 @@ class DataConfig:
     streaming: bool = False
     # Where tokenized data is cached; null: <output_root>/.data_cache.
     cache_dir: Optional[str] = None
-    # Tokenizer worker processes; null: 1 for small data, else up to the CPU count (at most 8).
+    # Tokenizer worker processes; null: one process using the tokenizer's own threads on every core.
     num_proc: Optional[int] = None
 
 

@@ -7,8 +7,6 @@ from typing import Any, Dict, Iterator, List, Sequence
 
 from torch.utils.data import IterableDataset
 
-from trainer.data.examples import IGNORE_INDEX
-
 
 class TokenizedRows:
     """Rows `index` of the cached token table (memory-mapped Arrow): indexable, with their lengths.
@@ -69,7 +67,3 @@ class StreamingExamples(IterableDataset):
                         yield row([window[int(i)] for i in flat[offsets[b]:offsets[b + 1]]])
             if not produced:
                 return
-
-
-def labels_trained(example: Dict[str, List[int]]) -> bool:
-    return any(label != IGNORE_INDEX for label in example["labels"])

@@ -58,19 +58,18 @@ def _load_file(source: Dict[str, Any], raw_cache: str, streaming: bool) -> Any:
     check_exists(source)
     path = source["path"]
     file_type = source["file_type"]
-    if file_type == "json" and os.path.getsize(path) > 0 and not _starts_with_bracket(path):
-        bad = first_bad_json_line(path) if os.path.getsize(path) < (1 << 30) else None
-        if bad is not None:
-            raise UserError(f"{path} line {bad[0]} is not valid JSON ({bad[1]}); fix or remove that line.")
     if os.path.getsize(path) == 0 or (file_type == "json" and _only_blank(path)):
         raise UserError(f"{path} holds no records; point {source['where']}.path at a file with at least one example.")
     try:
         with _offline():
             dataset = datasets.load_dataset(file_type, data_files=path, split="train", cache_dir=raw_cache,
                                             streaming=streaming)
-    except UserError:
-        raise
-    except Exception as err:  # pyarrow's parse errors; the first line says what
+    except Exception as err:  # pyarrow's parse errors name no line: find it for JSONL, else the first line says what
+        if file_type == "json" and not _starts_with_bracket(path):
+            bad = first_bad_json_line(path)
+            if bad is not None:
+                message = f"{path} line {bad[0]} is not valid JSON ({bad[1]}); fix or remove that line."
+                raise UserError(message) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path} could not be read as {file_type} ({first}); fix the file or convert it to JSONL "
                         "with one object per line.") from None

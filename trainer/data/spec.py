@@ -28,7 +28,6 @@ FIELDS = {
 ALL_FIELDS = tuple(sorted({f for fields in FIELDS.values() for f in fields}))
 # Attention implementations that take one flattened row with restarting position ids (varlen kernels).
 VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
-SAVED_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
 
 
 def _value(x: Any) -> Any:

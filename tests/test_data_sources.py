@@ -123,7 +123,7 @@ def test_missing_column_is_one_sentence(tok, tmp_path: Path) -> None:
     wrong = tmp_path / "wrong.jsonl"
     wrong.write_text('{"prompt": "a", "completion": "b"}\n' * 3)
     with pytest.raises(UserError, match=r"wrong.jsonl record 1 has no field 'instruction' \(its columns: "
-                                        r"prompt, completion\), which the alpaca format needs; map yours with "
+                                        r"prompt, completion\), which the alpaca format needs; map yours with \+"
                                         r"data.columns.instruction="):
         answers(tok, ["data=alpaca", f"data.path={wrong}"], tmp_path)
     with pytest.raises(UserError, match="has no column 'question' \\(data.columns.instruction\\)"):

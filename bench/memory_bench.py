@@ -271,7 +271,7 @@ def _run_cell(model: Any, tokenizer: Any, cell: Cell, job: Dict[str, Any], spec:
     from trainer import memory, speed
     from trainer.adapters import attach
     from trainer.compose import compose
-    from trainer.data import load_examples
+    from trainer.data.prepare import training_data
     from trainer.plan import build_plan
     from trainer.strategies import strategy_for
 
@@ -284,9 +284,7 @@ def _run_cell(model: Any, tokenizer: Any, cell: Cell, job: Dict[str, Any], spec:
     if cuda and predicted.train_peak_bytes > 0.92 * torch.cuda.mem_get_info()[1]:
         return {**row, "status": "skipped: predicted above this GPU"}
     plan = build_plan(cfg, run_dir=tempfile.mkdtemp(dir=spec["workdir"]))
-    train_examples, _ = load_examples(plan.data, tokenizer)
-    train_set, _, collator = speed.training_data(plan.speed, plan.data.max_seq_len, plan.data.split_seed,
-                                                 tokenizer.pad_token_id, train_examples, [])
+    train_set, _, collator = training_data(plan.data, tokenizer)
     adapted = attached["model"] = speed.apply_to_adapter(attach(model, plan.peft, plan.model), plan.speed)
     meter = _Meter()
     extra = strategy_for(plan.strategy.name).training_arguments(plan.strategy, plan.run_dir, plan.device)

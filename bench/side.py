@@ -37,14 +37,27 @@ def qforge_overrides(job: Dict[str, Any], item: Dict[str, Any], extra: List[str]
 def examples_for(job: Dict[str, Any], item: Dict[str, Any]) -> tuple:
     """qforge's own tokenization of the item's data: both sides train on exactly these token ids."""
     from trainer.compose import compose
-    from trainer.data import load_examples
+    from trainer.data.prepare import examples
     from trainer.model import load_tokenizer
     from trainer.plan import build_plan
 
     plan = build_plan(compose(qforge_overrides(job, item, [])))
     tokenizer = load_tokenizer(plan.model)
-    train, _ = load_examples(plan.data, tokenizer)
+    train, _ = examples(plan.data, tokenizer)
     return train, tokenizer
+
+
+def probe_batches(cfg: Any, tokenizer: Any, examples: List[Any]) -> tuple:
+    """The probe examples as the run batches them: packed rows (train.packing) or padded examples."""
+    from trainer.data import ExampleDataset, PadCollator
+    from trainer.data.spec import VARLEN_ATTENTION
+    from trainer.packing import PackedCollator, PackedDataset
+
+    if not cfg.train.packing:
+        return ExampleDataset(examples), PadCollator(tokenizer.pad_token_id)
+    flatten = cfg.model.attn_implementation in VARLEN_ATTENTION
+    return (PackedDataset(examples, int(cfg.train.max_seq_len), seed=cfg.data.split_seed),
+            PackedCollator(tokenizer.pad_token_id, flatten=flatten))
 
 
 def probe_loss(model: Any, batch: Dict[str, Any]) -> float:
@@ -196,7 +209,6 @@ def run_baseline(job: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 def run_qforge(job: Dict[str, Any]) -> List[Dict[str, Any]]:
     from trainer import run as qforge_run
-    from trainer import speed
     from trainer.compose import compose
     from trainer.plan import build_plan
     from trainer.validate import validate
@@ -211,8 +223,7 @@ def run_qforge(job: Dict[str, Any]) -> List[Dict[str, Any]]:
             examples, tokenizer = examples_for(job, item)
             plan = build_plan(cfg)
             # The probe batch goes through qforge's own batching path (packed rows or padded).
-            probe_set, _, collator = speed.training_data(plan.speed, plan.data.max_seq_len, plan.data.split_seed,
-                                                         tokenizer.pad_token_id, examples[: item["batch"]], [])
+            probe_set, collator = probe_batches(cfg, tokenizer, examples[: item["batch"]])
             meter = Meter(tokenizer.pad_token_id, collator([probe_set[i] for i in range(len(probe_set))]),
                           job["warmup"])
             metrics = qforge_run.train(plan, extra_callbacks=[meter.callback()])

@@ -22,7 +22,7 @@ SHAPES: Dict[str, Dict[str, int]] = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                num_key_value_heads=8, vocab_size=128256),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=808),
+                 num_key_value_heads=2, vocab_size=810),  # the shipped tokenizer, ChatML tokens included
 }
 
 

@@ -112,7 +112,9 @@ def check_all(combos: Sequence[Sequence[str]], sweep_dir: Path) -> List[Combinat
         if combo.legal:
             combo.run_dir = str(sweep_dir / str(index))
             try:
-                inputs.check(cfg, combo.run_dir)
+                from trainer.data.spec import data_spec
+
+                inputs.check(cfg, combo.run_dir, data_spec(cfg))
             except UserError as err:
                 combo.errors.append(Violation("inputs", Severity.error, str(err), "fix it and submit again."))
                 combo.run_dir = None

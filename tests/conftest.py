@@ -82,6 +82,7 @@ def output_root(tmp_path: Path) -> Path:
 
 def only_run_dir(output_root: Path) -> Path:
     """The single run dir a run created under output_root (<root>/<date>/<time-tag>)."""
-    dirs = [p for p in output_root.glob("*/*") if p.is_dir()]
+    # Dot dirs are not runs: .data_cache holds the tokenized data runs under this root share.
+    dirs = [p for p in output_root.glob("*/*") if p.is_dir() and not p.parent.name.startswith(".")]
     assert len(dirs) == 1, f"expected one run dir under {output_root}, found {dirs}"
     return dirs[0]

@@ -1,15 +1,17 @@
-"""Prompt masking and formats: only responses are learned, prompts never are."""
+"""Prompt masking and formats: only responses (and their end-of-turn token) are learned, prompts never are."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 from transformers import AutoTokenizer
 
 from trainer.compose import compose
-from trainer.data import IGNORE_INDEX, PadCollator, load_examples
-from trainer.plan import build_plan
+from trainer.data import IGNORE_INDEX, PadCollator
+from trainer.data.prepare import examples
+from trainer.data.spec import data_spec
 from trainer.tiny import TOKENIZER_DIR
 
 
@@ -17,45 +19,60 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(TOKENIZER_DIR)
 
 
-def data_of(overrides: list) -> object:
-    """The data part of the plan a run with these overrides would train from."""
-    return build_plan(compose(overrides)).data
+def load(overrides: list, root: Path, tok=None):
+    return examples(data_spec(compose([*overrides, f"output_root={root}"])), tok or tokenizer())
 
 
-def test_alpaca_masks_the_prompt_and_learns_the_response_and_eos() -> None:
+def learned(tok, example) -> str:
+    return tok.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+
+
+def test_alpaca_is_rendered_with_the_tokenizers_chat_template_and_learns_the_answer_and_end_of_turn(
+        tmp_path: Path) -> None:
     tok = tokenizer()
-    train, evals = load_examples(data_of([]), tok)
+    train, evals = load([], tmp_path, tok)
     assert len(train) > 300 and len(evals) > 30
     example = train[0]
-    learned = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX]
-    text = tok.decode(learned)
+    assert tok.decode(example.input_ids).startswith("<|im_start|>user\n")  # the shipped ChatML template
+    text = learned(tok, example)
+    assert "<|im_start|>" not in text and "user" not in text
+    assert example.labels[-2] == tok.convert_tokens_to_ids("<|im_end|>")  # the answer ends its turn...
+    assert example.labels[-1] == IGNORE_INDEX  # ...and the template's newline after it is not learned
+
+
+def test_base_tokenizer_keeps_the_alpaca_prompt(tmp_path: Path) -> None:
+    base = tokenizer()
+    base.chat_template = None  # a base model's tokenizer
+    train, _ = load([], tmp_path, base)
+    example = train[0]
+    text = learned(base, example)
     assert "### Response" not in text and "### Instruction" not in text
-    assert learned[-1] == tok.eos_token_id
-    prompt = tok.decode([t for t, label in zip(example.input_ids, example.labels) if label == IGNORE_INDEX])
+    assert example.input_ids[-1] == base.eos_token_id and example.labels[-1] == base.eos_token_id
+    prompt = base.decode([t for t, label in zip(example.input_ids, example.labels) if label == IGNORE_INDEX])
     assert "### Instruction" in prompt
 
 
-def test_sharegpt_learns_every_assistant_turn_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize("template", ["auto", "alpaca"])
+def test_sharegpt_learns_every_assistant_turn_only(tmp_path: Path, template: str) -> None:
     path = tmp_path / "chat.jsonl"
     conv = {"conversations": [{"from": "human", "value": "hi there"}, {"from": "gpt", "value": "alpha"},
                               {"from": "human", "value": "again"}, {"from": "gpt", "value": "omega"}]}
     path.write_text((json.dumps(conv) + "\n") * 10)
-    cfg = data_of(["data=sharegpt", f"data.path={path}", "data.eval_fraction=0.1"])
     tok = tokenizer()
-    train, _ = load_examples(cfg, tok)
-    learned = tok.decode([t for t, lab in zip(train[0].input_ids, train[0].labels) if lab != IGNORE_INDEX])
-    assert "alpha" in learned and "omega" in learned
-    assert "hi there" not in learned and "again" not in learned
+    train, _ = load(["data=sharegpt", f"data.path={path}", "data.eval_fraction=0.1", f"data.template={template}"],
+                    tmp_path, tok)
+    text = learned(tok, train[0])
+    assert "alpha" in text and "omega" in text
+    assert "hi there" not in text and "again" not in text
 
 
-def test_split_is_deterministic_and_disjoint_by_position() -> None:
+def test_split_is_deterministic_and_disjoint_by_position(tmp_path: Path) -> None:
     tok = tokenizer()
-    cfg = data_of([])
-    train_a, eval_a = load_examples(cfg, tok)
-    train_b, eval_b = load_examples(cfg, tok)
+    train_a, eval_a = load([], tmp_path / "a", tok)
+    train_b, eval_b = load([], tmp_path / "b", tok)
     assert [e.input_ids for e in eval_a] == [e.input_ids for e in eval_b]
     assert len(eval_a) == round(0.1 * (len(train_a) + len(eval_a)))
-    other_seed = load_examples(data_of(["data.split_seed=1"]), tok)[1]
+    other_seed = load(["data.split_seed=1"], tmp_path / "c", tok)[1]
     assert [e.input_ids for e in other_seed] != [e.input_ids for e in eval_a]
 
 

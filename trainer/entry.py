@@ -43,7 +43,7 @@ def _run(cfg: Any) -> None:
 
     plan = build_plan(cfg, run_dir=_hydra_multirun_dir())
     plan.warnings = [v.line() for v in report.warnings]
-    inputs.check(cfg, plan.run_dir)  # before anything is created or an earlier run is touched
+    inputs.check(cfg, plan.run_dir, plan.data)  # before anything is created or an earlier run is touched
     if cfg.dry_run:
         print(plan.render())
         return

@@ -12,20 +12,26 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 
 from trainer import checkpoints, rundir
 from trainer.errors import UserError
 
+# What datasets' save_to_disk leaves in a Dataset dir (state.json) or a DatasetDict dir (dataset_dict.json).
+SAVED_MARKERS = ("state.json", "dataset_dict.json")
 # Files a transformers tokenizer is made from: at least one of them must hold something.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
 
 
-def check(cfg: Any, run_dir: str) -> None:
-    """Raise the first problem as a UserError; return quietly when every input looks usable."""
-    _check_data(cfg)
+def check(cfg: Any, run_dir: str, data: Optional[Dict[str, Any]] = None) -> None:
+    """Raise the first problem as a UserError; return quietly when every input looks usable.
+
+    data: the plan's data spec (trainer/data/spec.py), whose sources are checked where the run will read them.
+    """
+    if data is not None:
+        _check_data(data)
     _check_model(cfg)
     _check_adapters(cfg)
     _check_run_dir(cfg, run_dir)
@@ -56,19 +62,19 @@ def _check_wandb(cfg: Any) -> None:
                         "use logger.mode=auto (logs offline here, sync later) or logger.mode=offline.")
 
 
-def _check_data(cfg: Any) -> None:
-    path = cfg.data.path
-    if path is None:
-        return
-    file = Path(os.path.expanduser(str(path)))
-    if file.is_dir():
-        raise UserError(f"data.path={path} is a directory, not a data file; point data.path at the JSON or JSONL "
-                        "file inside it.")
-    if not file.exists():
-        raise UserError(f"data file {path} does not exist; set data.path to an existing JSON or JSONL file.")
-    if not os.access(file, os.R_OK):
-        raise UserError(f"data file {path} cannot be read by this user; fix its permissions or copy it somewhere "
-                        "readable.")
+def _check_data(data: Dict[str, Any]) -> None:
+    """Each source of the plan's data spec is there: a readable file, a dir save_to_disk wrote, a cached hub id."""
+    from trainer.data.sources import check_exists
+
+    for source in data.get("sources", []):
+        check_exists(source)
+        path = Path(source["path"])
+        if source["kind"] == "file" and not os.access(path, os.R_OK):
+            raise UserError(f"data file {path} cannot be read by this user; fix its permissions or copy it "
+                            "somewhere readable.")
+        if source["kind"] == "saved" and not any((path / name).is_file() for name in SAVED_MARKERS):
+            raise UserError(f"{path} is a directory but not one written by datasets' save_to_disk; point "
+                            f"{source['where']}.path at such a directory or at a data file.")
 
 
 def _check_model(cfg: Any) -> None:

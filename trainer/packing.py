@@ -1,80 +1,137 @@
 """Padding-free packing: many short examples share one row, and attention never crosses them.
 
-Examples are packed into rows of at most `train.max_seq_len` tokens (best-fit decreasing), so a batch of
-`train.batch_size` rows holds as many tokens as a full batch of long examples instead of being mostly
-padding. Each row carries `position_ids` that restart at 0 for every example and no attention mask:
-transformers then builds a block-diagonal causal mask from the position ids (sdpa, eager) or uses the
-variable-length kernel (flash attention), so an example never attends to its neighbours. The first
-label of every example is ignored, so the last token of one example is never trained to predict the
-first token of the next. The loss is the mean over the same label tokens as with padding. (transformers
-only reads packed position ids when no KV cache is in use: model.load_model sets use_cache=False.)
+Examples are packed into rows of at most `train.max_seq_len` tokens (largest item first, then the largest
+that still fits, which fills rows like best-fit decreasing), so a batch of `train.batch_size` rows holds as
+many tokens as a full batch of long examples instead of being mostly padding. Each row carries
+`position_ids` that restart at 0 for every example and no attention mask: transformers then builds a
+block-diagonal causal mask from the position ids (sdpa, eager) or uses the variable-length kernel (flash
+attention), so an example never attends to its neighbours. The first label of every example is ignored, so
+the last token of one example is never trained to predict the first token of the next. The loss is the mean
+over the same label tokens as with padding. (transformers only reads packed position ids when no KV cache is
+in use: model.load_model sets use_cache=False.)
+
+Packing works on lengths alone (pack_lengths): the tokenized cache's lengths column is packed once per
+fingerprint and the bins are stored beside it, so a million examples never become Python objects.
 """
 
 from __future__ import annotations
 
 import bisect
 import random
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-from trainer.data import IGNORE_INDEX, Example
+from trainer.data.examples import IGNORE_INDEX, Example
+from trainer.data.spec import VARLEN_ATTENTION
 
-# Attention implementations that take one flattened row with restarting position ids (varlen kernels).
-VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
+__all__ = ["VARLEN_ATTENTION", "pack_lengths", "pack", "row", "PackedDataset", "PackedCollator"]
+
+
+def pack_lengths(lengths: Sequence[int], capacity: int, seed: int = 0) -> Tuple[Any, Any]:
+    """Bins of at most `capacity` tokens as (flat item positions, bin offsets), bins in a seeded random order.
+
+    Each bin takes the longest item left, then repeatedly the longest that still fits. Items of equal length
+    go in index order, so the result depends only on the lengths and the seed. The Trainer's sampler shuffles
+    the bins again each epoch, so the sort does not order training.
+    """
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")  # ascending; equal lengths keep index order
+    sorted_lengths = lengths[order]
+    distinct, starts, counts = np.unique(sorted_lengths, return_index=True, return_counts=True)
+    available = [int(x) for x in distinct]  # ascending lengths that still have items
+    next_item = {int(v): int(s) for v, s in zip(distinct, starts)}
+    end_item = {int(v): int(s + c) for v, s, c in zip(distinct, starts, counts)}
+    order_list = order.tolist()
+
+    def take(length: int, at: int) -> int:
+        position = next_item[length]
+        next_item[length] = position + 1
+        if position + 1 == end_item[length]:
+            del available[at]
+        return order_list[position]
+
+    bins: List[List[int]] = []
+    while available:
+        first = available[-1]
+        members = [take(first, len(available) - 1)]
+        space = capacity - first
+        while space > 0 and available:
+            at = bisect.bisect_right(available, space) - 1
+            if at < 0:
+                break
+            length = available[at]
+            members.append(take(length, at))
+            space -= length
+        bins.append(members)
+    random.Random(seed).shuffle(bins)
+    offsets = np.zeros(len(bins) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in bins], out=offsets[1:])
+    flat = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=int(offsets[-1]))
+    return flat, offsets
 
 
 def pack(examples: Sequence[Example], capacity: int, seed: int = 0) -> List[List[Example]]:
-    """Group examples into bins of at most `capacity` tokens; the bins come back in a seeded random order.
-
-    Best-fit decreasing fills bins to ~99% on instruction-like length mixes; the Trainer's sampler
-    shuffles the bins again each epoch, so the sort does not order training.
-    """
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
-    bins: List[List[Example]] = []
-    free: List[tuple] = []  # (tokens left, bin index), sorted: bisect finds the tightest bin that fits
-    for i in order:
-        length = len(examples[i].input_ids)
-        at = bisect.bisect_left(free, (length, -1))
-        if at < len(free):
-            left, index = free.pop(at)
-        else:
-            bins.append([])
-            left, index = capacity, len(bins) - 1
-        bins[index].append(examples[i])
-        if left - length > 0:
-            bisect.insort(free, (left - length, index))
-    random.Random(seed).shuffle(bins)
-    return bins
+    """Group examples into bins of at most `capacity` tokens (pack_lengths over their lengths)."""
+    flat, offsets = pack_lengths([len(e.input_ids) for e in examples], capacity, seed)
+    return [[examples[int(i)] for i in flat[offsets[b]:offsets[b + 1]]] for b in range(len(offsets) - 1)]
 
 
-def row(examples: Sequence[Example]) -> Dict[str, List[int]]:
+def _ids(example: Any) -> Tuple[Sequence[int], Sequence[int]]:
+    if isinstance(example, Example):
+        return example.input_ids, example.labels
+    return example["input_ids"], example["labels"]
+
+
+def row(examples: Sequence[Any]) -> Dict[str, List[int]]:
     """One packed row: concatenated ids, labels with each example's first label ignored, restarting positions."""
     input_ids: List[int] = []
     labels: List[int] = []
     positions: List[int] = []
     for example in examples:
-        input_ids += example.input_ids
-        labels += [IGNORE_INDEX] + list(example.labels[1:])
-        positions += list(range(len(example.input_ids)))
+        ids, example_labels = _ids(example)
+        input_ids += list(ids)
+        labels += [IGNORE_INDEX] + list(example_labels[1:])
+        positions += list(range(len(ids)))
     return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
 
 
 class PackedDataset:
-    """Map-style dataset of packed rows (what the HF Trainer's sampler shuffles and batches)."""
+    """Map-style dataset of packed rows (what the HF Trainer's sampler shuffles and batches).
 
-    def __init__(self, examples: Sequence[Example], capacity: int, seed: int = 0):
-        self.bins = pack(examples, capacity, seed)
+    `examples` is a list of Example, or a TokenizedRows view of the cache (trainer/data/sets.py), which
+    fetches a bin's examples in one read. `bins` (flat positions, offsets) skips packing when it was cached.
+    """
+
+    def __init__(self, examples: Any, capacity: int, seed: int = 0, bins: Optional[Tuple[Any, Any]] = None):
+        self.examples = examples
+        lengths = getattr(examples, "lengths", None)
+        if bins is None:
+            bins = pack_lengths(lengths if lengths is not None else [len(_ids(e)[0]) for e in examples],
+                                capacity, seed)
+        self.flat, self.offsets = bins
 
     def __len__(self) -> int:
-        return len(self.bins)
+        return len(self.offsets) - 1
+
+    def members(self, index: int) -> List[int]:
+        return [int(i) for i in self.flat[self.offsets[index]:self.offsets[index + 1]]]
 
     def __getitem__(self, index: int) -> Dict[str, List[int]]:
-        return row(self.bins[index])
+        positions = self.members(index)
+        fetch = getattr(self.examples, "rows", None)
+        return row(fetch(positions) if fetch is not None else [self.examples[i] for i in positions])
 
     def __iter__(self) -> Iterator[Dict[str, List[int]]]:
         return (self[i] for i in range(len(self)))
 
     def token_count(self) -> int:
-        return sum(len(e.input_ids) for b in self.bins for e in b)
+        lengths = getattr(self.examples, "lengths", None)
+        if lengths is not None:
+            return int(lengths[self.flat].sum())
+        return sum(len(_ids(self.examples[int(i)])[0]) for i in self.flat)
 
 
 class PackedCollator:

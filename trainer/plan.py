@@ -16,6 +16,7 @@ from typing import Any, Dict, Optional
 
 from trainer import families
 from trainer.adapters import peft_spec
+from trainer.data.spec import data_spec
 from trainer.env import accelerators
 from trainer.layout import nproc_per_node, resolve_compute_dtype, world_size
 from trainer.memory import predict
@@ -24,7 +25,6 @@ from trainer.preflight import package_versions, requirements
 from trainer.quant import backend_for
 from trainer.rules import method, peft_method, strategy
 from trainer.specs import (
-    DataSpec,
     LauncherSpec,
     LoggerSpec,
     ModelSpec,
@@ -76,16 +76,7 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
         quant=_quant_spec(cfg, device, dtype),
         peft=peft_spec(cfg),
         strategy=strat,
-        data=DataSpec(
-            format=cfg.data.format.value,
-            path=cfg.data.path,
-            eval_fraction=float(cfg.data.eval_fraction),
-            max_samples=cfg.data.max_samples,
-            split_seed=int(cfg.data.split_seed),
-            max_seq_len=int(cfg.train.max_seq_len),
-            packing=speed.packing,
-            holds_out_eval=bool(cfg.do_eval),
-        ),
+        data=data_spec(cfg),
         speed=speed,
         run=RunSpec(
             do_train=bool(cfg.do_train),

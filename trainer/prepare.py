@@ -39,7 +39,7 @@ def main(argv: List[str]) -> int:
             return 2
         plan = build_plan(cfg)
         plan.warnings = [v.line() for v in report.warnings]
-        inputs.check(cfg, plan.run_dir)
+        inputs.check(cfg, plan.run_dir, plan.data)
         create(plan, Composition.of(cfg, argv))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)

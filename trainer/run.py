@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
 from trainer import checkpoints, preemption, preflight, speed
-from trainer.data import load_examples
+from trainer.data.prepare import training_data
 from trainer.errors import UserError
 from trainer.model import load_for_training, load_tokenizer
 from trainer.run_loss import NothingLeftToTrain, loss_callback
@@ -39,10 +39,13 @@ def train(plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
     # Decided before anything heavy: with logger.mode=online and no route to wandb, the run stops here.
     logs_to = wandb_mode(plan.logger.mode, plan.run_dir) if plan.logger.name == "wandb" and rank0 else None
 
-    # Data first: a bad file costs a second here, not a model load.
+    # Data first: a bad file costs a second here, not a model load. Rank 0 tokenizes (once per data
+    # fingerprint, cached on disk); the other ranks wait and memory-map the same cache. Packed rows
+    # (train.packing) or padded examples; packing.py says why either is the same loss.
     tokenizer = load_tokenizer(plan.model)
-    train_examples, eval_examples = load_examples(plan.data, tokenizer)
-    log.info("data: %d train / %d eval examples from %s", len(train_examples), len(eval_examples), plan.data.path)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    train_set, eval_set, collator = training_data(plan.data, tokenizer, rank=rank, world_size=world)
+    _record_data(plan.run_dir, rank, train_set)
 
     import torch
     from transformers import Trainer, TrainingArguments, set_seed
@@ -69,9 +72,6 @@ def train(plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
     if plan.logger.name == "wandb":
         wandb_cb = make_wandb_callback(plan, saved_config(plan.run_dir), logs_to or "disabled")
         callbacks.append(wandb_cb)
-    # Packed rows (train.packing) or padded examples; speed.py says why either is the same loss.
-    train_set, eval_set, collator = speed.training_data(plan.speed, plan.data.max_seq_len, plan.data.split_seed,
-                                                        tokenizer.pad_token_id, train_examples, eval_examples)
     trainer = Trainer(
         model=model,
         args=args,
@@ -124,6 +124,23 @@ def train(plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
         if wandb_cb is not None:
             wandb_cb.finish(metrics)
     return metrics
+
+
+def _record_data(run_dir: str, rank: int, train_set: Any) -> None:
+    """data/rank-<r>.json: which cache entry this rank trained on and whether it tokenized (provenance)."""
+    import hashlib
+    import json
+
+    prepared = getattr(train_set, "prepared", None)
+    if prepared is None:  # streaming: nothing is cached
+        return
+    first_rows = json.dumps([train_set[i]["input_ids"] for i in range(min(4, len(train_set)))])
+    record = {"rank": rank, "cache": str(prepared.path), "key": prepared.meta["key"], "tokenized_here":
+              prepared.built_here, "train_rows": len(train_set), "train_examples": len(prepared.train_index),
+              "first_rows_sha256": hashlib.sha256(first_rows.encode()).hexdigest()}
+    target = Path(run_dir, "data")
+    target.mkdir(parents=True, exist_ok=True)
+    (target / f"rank-{rank}.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
 def perplexity(loss: float) -> float:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -59,6 +59,13 @@ class StrategyName(str, Enum):
 class DataFormat(str, Enum):
     alpaca = "alpaca"
     sharegpt = "sharegpt"
+
+
+class SourceKind(str, Enum):
+    auto = "auto"  # an existing file or dir decides; otherwise org/name is a hub id
+    file = "file"  # jsonl, json, parquet, csv, arrow
+    saved = "saved"  # a directory written by datasets.Dataset.save_to_disk
+    hub = "hub"  # a hub dataset id, read from the local Hugging Face cache (never downloaded)
 
 
 class LoggerName(str, Enum):
@@ -191,12 +198,44 @@ class StrategyConfig:
 
 
 @dataclass
+class DataSource:
+    """One entry of a mixture (data.sources). Unset fields take the data.* value of the same name."""
+
+    path: str = "???"
+    format: Optional[DataFormat] = None
+    kind: SourceKind = SourceKind.auto
+    # A hub dataset's config name (load_dataset's `name`).
+    subset: Optional[str] = None
+    split: Optional[str] = None
+    weight: float = 1.0
+    max_samples: Optional[int] = None
+    # qforge's field name -> this source's column name, e.g. {instruction: prompt, output: completion}.
+    columns: Optional[Dict[str, str]] = None
+
+
+@dataclass
 class DataConfig:
     format: DataFormat = DataFormat.alpaca
-    path: str = "???"
+    # One source (path, kind, subset, split, columns) or a mixture (sources); exactly one is set.
+    path: Optional[str] = "???"
+    kind: SourceKind = SourceKind.auto
+    subset: Optional[str] = None
+    split: str = "train"
+    columns: Dict[str, str] = field(default_factory=dict)
+    sources: List[DataSource] = field(default_factory=list)
+    # auto: the tokenizer's own chat_template (the Alpaca prompt for a tokenizer without one); or alpaca,
+    # chatml, llama3, qwen2, mistral; or the path of a Jinja file.
+    template: str = "auto"
     eval_fraction: float = 0.1
     max_samples: Optional[int] = None
+    # Seeds the eval split and the mixture's sampling.
     split_seed: int = 0
+    # Tokenize on the fly from an iterable dataset (for data larger than RAM); needs train.max_steps.
+    streaming: bool = False
+    # Where tokenized data is cached; null: <output_root>/.data_cache.
+    cache_dir: Optional[str] = None
+    # Tokenizer worker processes; null: one process using the tokenizer's own threads on every core.
+    num_proc: Optional[int] = None
 
 
 @dataclass

@@ -59,18 +59,6 @@ class PeftSpec:
 
 
 @dataclass
-class DataSpec:
-    format: str
-    path: Optional[str]
-    eval_fraction: float
-    max_samples: Optional[int]
-    split_seed: int
-    max_seq_len: int
-    packing: bool
-    holds_out_eval: bool  # do_eval: an eval split is taken
-
-
-@dataclass
 class SpeedSpec:
     packing: bool
     flatten_packed_rows: bool  # varlen attention reads packed rows as one flat sequence
@@ -150,7 +138,9 @@ class RunPlan:
     quant: QuantSpec
     peft: PeftSpec
     strategy: StrategySpec
-    data: DataSpec
+    # What the run trains on, as trainer/data/spec.py builds it (sources with their identity and record counts,
+    # template, max_seq_len, packing, streaming, cache dir, fingerprint); trainer/data/prepare.py reads it.
+    data: Dict[str, Any]
     speed: SpeedSpec
     run: RunSpec
     training_args: Dict[str, Any]
@@ -179,8 +169,7 @@ class RunPlan:
                             f"{PLAN_FORMAT}; launch the run again with this qforge (python train.py ...).")
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         nested = {"model": ModelSpec, "quant": QuantSpec, "peft": PeftSpec, "strategy": StrategySpec,
-                  "data": DataSpec, "speed": SpeedSpec, "run": RunSpec, "logger": LoggerSpec,
-                  "launcher": LauncherSpec}
+                  "speed": SpeedSpec, "run": RunSpec, "logger": LoggerSpec, "launcher": LauncherSpec}
         values: Dict[str, Any] = {}
         for key, value in data.items():
             if key not in types:

@@ -3,14 +3,15 @@ checkpointing.
 
 None of these change what is learned: the same tokens are trained with the same loss (bench/ checks the
 first-step loss against plain HF + peft on the same batch). The plan decides (speed_spec, torch-free); the
-rank applies what the SpeedSpec says (apply, apply_to_adapter, callbacks, training_data).
+rank applies what the SpeedSpec says (apply, apply_to_adapter, callbacks); packing is trainer/packing.py,
+used by trainer/data/prepare.py.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional
 
 from trainer.errors import UserError
 from trainer.specs import SpeedSpec
@@ -44,22 +45,6 @@ def speed_spec(cfg: Any, checkpoint_layers: Optional[int]) -> SpeedSpec:
 
 
 # ---- run time: applied to the loaded model, from the spec ----
-
-def training_data(speed: SpeedSpec, max_seq_len: int, split_seed: int, pad_token_id: int,
-                  train_examples: Sequence[Any], eval_examples: Sequence[Any]) -> Tuple:
-    """(train dataset, eval dataset or None, collator): packed rows when packing, padded examples otherwise."""
-    from trainer.data import ExampleDataset, PadCollator
-    from trainer.packing import PackedCollator, PackedDataset
-
-    if not speed.packing:
-        return (ExampleDataset(list(train_examples)), ExampleDataset(list(eval_examples)) if eval_examples else None,
-                PadCollator(pad_token_id))
-    train_set = PackedDataset(train_examples, max_seq_len, seed=split_seed)
-    eval_set = PackedDataset(eval_examples, max_seq_len, seed=split_seed) if eval_examples else None
-    log.info("packing: %d train examples into %d rows of <= %d tokens", len(train_examples), len(train_set),
-             max_seq_len)
-    return train_set, eval_set, PackedCollator(pad_token_id, flatten=speed.flatten_packed_rows)
-
 
 def liger_available() -> bool:
     import torch

@@ -1,8 +1,9 @@
 """Run every rule over a composed config and report all violations at once. Never imports torch.
 
 The rules live beside what they protect; this gathers them from their owners: the run as a whole
-(run_rules), adapters on quantized weights (adapters_rules), launchers (launcher_rules), the strategies and
-the quant backends, and the memory model (trainer/memory/rules.py). Nothing here is imported back by them.
+(run_rules), the data layer (trainer/data/rules.py), adapters on quantized weights (adapters_rules),
+launchers (launcher_rules), the strategies, the quant backends and the memory model (trainer/memory/rules.py).
+Nothing here is imported back by them.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, List, TextIO
 
 from trainer import adapters_rules, launcher_rules, run_rules, strategies
+from trainer.data import rules as data_rules
 from trainer.memory import rules as memory_rules
 from trainer.quant import backends
 from trainer.rules import Rule, Severity, Violation
@@ -40,8 +42,8 @@ class Report:
 @functools.lru_cache(maxsize=1)
 def all_rules() -> List[Rule]:
     """Every rule of `python train.py`, gathered from the modules that own them."""
-    rules: List[Rule] = [*run_rules.RULES, *adapters_rules.RULES, *launcher_rules.RULES, *strategies.RULES,
-                         *memory_rules.RULES]
+    rules: List[Rule] = [*run_rules.RULES, *data_rules.RULES, *adapters_rules.RULES, *launcher_rules.RULES,
+                         *strategies.RULES, *memory_rules.RULES]
     for backend in backends():
         rules += backend.all_rules()
     ids = [r.id for r in rules]

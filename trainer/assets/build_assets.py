@@ -13,6 +13,8 @@ import json
 import random
 from pathlib import Path
 
+from trainer.data.templates import CHATML
+
 HERE = Path(__file__).parent
 SAMPLE = HERE / "sample_instructions.jsonl"
 SAMPLE_CHAT = HERE / "sample_conversations.jsonl"
@@ -30,6 +32,7 @@ CAPITALS = {
 }
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "lemon", "chair", "piano", "garden", "rocket",
          "candle", "forest", "mirror", "pencil", "window", "bridge", "castle", "dragon", "planet"]
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 
 
@@ -88,9 +91,14 @@ def build_tokenizer(texts: list[str]) -> None:
     trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
+    # ChatML's turn markers join after training, so the learned BPE vocabulary (ids 0-807) is unchanged.
+    tok.add_special_tokens(CHAT_TOKENS)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>", pad_token="<pad>")
+                                   eos_token="</s>", pad_token="<pad>", additional_special_tokens=CHAT_TOKENS)
     fast.model_max_length = 4096
+    # The default run renders data with the tokenizer's own template (data.template=auto), as a real
+    # instruct model's run would: ChatML, with generation markers around the assistant turns.
+    fast.chat_template = CHATML
     fast.save_pretrained(TOKENIZER_DIR)
 
 

@@ -1,8 +1,4 @@
-"""Instruction data: read alpaca or sharegpt records, render the prompt template, mask prompts out of the loss.
-
-Reading and checking happen before any model is loaded, so a bad file costs a second, not a model load.
-Every problem is a UserError naming the file (and line) and what to do.
-"""
+"""qforge's data loader before issue 13 (commit 2a61a54 trainer/data.py), kept verbatim for bench/data_bench.py."""
 
 from __future__ import annotations
 
@@ -13,7 +9,6 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 from trainer.errors import UserError
-from trainer.specs import DataSpec
 
 IGNORE_INDEX = -100
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
@@ -30,11 +25,7 @@ def read_records(path: str) -> List[Dict[str, Any]]:
     file = Path(path)
     if not file.is_file():
         raise UserError(f"data file {path} does not exist; set data.path to an existing JSON or JSONL file.")
-    try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x}); save the file "
-                        "as UTF-8, e.g. with: iconv -f latin1 -t utf-8 in.jsonl > out.jsonl.") from None
+    text = file.read_text(encoding="utf-8")
     if file.suffix == ".json" or text.lstrip().startswith("["):
         try:
             records = json.loads(text)
@@ -114,27 +105,27 @@ def tokenize(turns: Sequence[Turn], tokenizer: Any, max_len: int) -> Example:
     return Example(ids[:max_len], labels[:max_len])
 
 
-def load_examples(data: DataSpec, tokenizer: Any) -> Tuple[List[Example], List[Example]]:
+def load_examples(cfg: Any, tokenizer: Any) -> Tuple[List[Example], List[Example]]:
     """Read, check, tokenize and split the data set into (train, eval)."""
-    path = str(data.path)
+    path = cfg.data.path
     records = read_records(path)
-    if data.max_samples:
-        records = records[: data.max_samples]
-    to_turns = alpaca_turns if data.format == "alpaca" else sharegpt_turns
+    if cfg.data.max_samples:
+        records = records[: cfg.data.max_samples]
+    to_turns = alpaca_turns if cfg.data.format.value == "alpaca" else sharegpt_turns
     examples = []
     for number, record in enumerate(records, start=1):
-        example = tokenize(to_turns(record, f"{path} record {number}"), tokenizer, data.max_seq_len)
+        example = tokenize(to_turns(record, f"{path} record {number}"), tokenizer, cfg.train.max_seq_len)
         if any(label != IGNORE_INDEX for label in example.labels):
             examples.append(example)
     if not examples:
         raise UserError(f"{path}: every example's response was cut off by train.max_seq_len="
-                        f"{data.max_seq_len}; raise it.")
+                        f"{cfg.train.max_seq_len}; raise it.")
     order = list(range(len(examples)))
-    random.Random(data.split_seed).shuffle(order)
-    n_eval = int(round(len(examples) * data.eval_fraction)) if data.holds_out_eval else 0
-    if data.holds_out_eval and n_eval == 0:
+    random.Random(cfg.data.split_seed).shuffle(order)
+    n_eval = int(round(len(examples) * cfg.data.eval_fraction)) if cfg.do_eval else 0
+    if cfg.do_eval and n_eval == 0:
         raise UserError(f"{path} has {len(examples)} usable examples, too few to hold out "
-                        f"data.eval_fraction={data.eval_fraction} for eval; add data or set do_eval=false.")
+                        f"data.eval_fraction={cfg.data.eval_fraction} for eval; add data or set do_eval=false.")
     if n_eval >= len(examples):
         raise UserError(f"{path}: holding out {n_eval} of {len(examples)} examples leaves none to train on; "
                         "lower data.eval_fraction.")

@@ -149,7 +149,8 @@ CASES = [
          ["composed differently", "train.lr"]),
     # --- accepted silently before ---
     Case("plus-adds-unknown-key", lambda w: ["+quant.bitz=4"], ["quant.bitz is not a setting", "quant.bits"], 2),
-    Case("max-samples-negative", lambda w: ["data.max_samples=-1"], ["data.max_samples must be null or at least 1"], 2),
+    Case("max-samples-negative", lambda w: ["data.max_samples=-1"],
+         ["[data.max_samples] data.max_samples=-1 must be null or at least 1"], 2),
     Case("max-steps-zero", lambda w: ["train.max_steps=0"], ["train.max_steps must be -1 or at least 1, not 0"], 2),
     Case("unknown-experiment", lambda w: ["experiment=nope"], ["experiment=nope is not an experiment option"], 2),
     Case("group-removed", lambda w: ["~quant"], ["~quant removes quant", "quant=none"], 2),

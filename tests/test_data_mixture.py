@@ -126,7 +126,7 @@ def test_a_mixture_in_a_yaml_file_of_your_own_dry_runs_with_weights_and_counts(t
     confs = tmp_path / "confs" / "data"
     confs.mkdir(parents=True)
     (confs / "mymix.yaml").write_text(yaml.safe_dump({
-        "name": "mymix", "path": None, "eval_fraction": 0.1,
+        "path": None, "eval_fraction": 0.1,
         "sources": [{"path": str(big), "weight": 2}, {"path": str(small), "weight": 1, "max_samples": 5}]}))
     shown = run_cli("--config-dir", str(tmp_path / "confs"), "data=mymix", "dry_run=true",
                     f"output_root={tmp_path / 'out'}")

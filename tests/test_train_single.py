@@ -82,3 +82,24 @@ def test_finished_run_is_never_overwritten(output_root: Path) -> None:
     assert again.returncode != 0
     assert "already holds a finished run" in again.stderr and "Traceback" not in again.stderr
     assert (run_dir / "metrics.json").read_bytes() == before
+
+
+def test_eval_samples_are_written_before_and_after_training_with_the_chat_template(output_root: Path) -> None:
+    import math
+
+    result = run_cli("eval.samples=2", "eval.max_new_tokens=8", "train.max_steps=4", "train.eval_steps=4",
+                     f"output_root={output_root}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(output_root)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    assert metrics["eval_perplexity_before"] == pytest.approx(math.exp(metrics["eval_loss_before"]))
+    samples = (run_dir / "samples.md").read_text()
+    assert samples.count("## Sample ") == 2 and metrics["samples"] == str(run_dir / "samples.md")
+    # Asked the way the shipped ChatML template renders a conversation, ending with the assistant header.
+    assert samples.count("<|im_start|>assistant") == 2 and samples.count("**Reference:**") == 2
+    assert samples.count("**Before training:**") == 2 and samples.count("**After training:**") == 2
+    for overrides, rule in ((["strategy=fsdp", "launcher=torchrun"], "eval.samples_sharded"),
+                            (["do_eval=false", "data.eval_fraction=0"], "eval.samples_needs_eval")):
+        refused = run_cli("eval.samples=2", *overrides, "dry_run=true")
+        assert refused.returncode == 2 and f"[{rule}]" in refused.stderr, refused.stderr

@@ -18,8 +18,14 @@ FAMILY_LAYERS = {family: ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "
                           "embed_tokens", "lm_head") for family in ("llama", "mistral", "qwen2", "qwen3")}
 
 
+def _family(cfg: Any) -> str:
+    """The family the rule can know without reading files: as named, or llama for the embedded tiny model."""
+    family = getattr(cfg.model.family, "value", cfg.model.family)
+    return "llama" if family == "auto" and cfg.model.name_or_path is None else str(family)
+
+
 def unknown_targets(cfg: Any) -> list:
-    known = FAMILY_LAYERS.get(str(cfg.model.family))
+    known = FAMILY_LAYERS.get(_family(cfg))
     targets = list(cfg.peft.target_modules)
     if known is None or targets == ["all-linear"] or not trains_adapter(peft_method(cfg)):
         return []
@@ -31,10 +37,10 @@ RULES = [
         "peft.target_modules",
         ["peft", "model"],
         lambda cfg: bool(unknown_targets(cfg)),
-        "peft.target_modules names {unknown}, which no layer of a {cfg.model.family} model is called.",
+        "peft.target_modules names {unknown}, which no layer of a {family} model is called.",
         "use peft.target_modules=[all-linear], or a list of: {known}.",
-        details=lambda cfg: {"unknown": ", ".join(unknown_targets(cfg)),
-                             "known": ", ".join(FAMILY_LAYERS[str(cfg.model.family)])},
+        details=lambda cfg: {"unknown": ", ".join(unknown_targets(cfg)), "family": _family(cfg),
+                             "known": ", ".join(FAMILY_LAYERS[_family(cfg)])},
     ),
     error(
         "quant.lora_family_only",

@@ -87,7 +87,8 @@ def explain(err: BaseException, conf_dir: str, schema: type = RunConfig) -> Opti
     from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-    cause = err.__cause__ or err
+    cause = _innermost_config_error(err)
+    where = _config_file(err)
     if isinstance(err, OverrideParseException):
         text = str(err).splitlines()[0].removeprefix("Error parsing override ").strip()
         return (f"cannot read the override {text}: each override is key=value (or group=option), e.g. "
@@ -101,9 +102,9 @@ def explain(err: BaseException, conf_dir: str, schema: type = RunConfig) -> Opti
                     f"the {group} options are: {', '.join(listed)}.")
         return None
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and getattr(cause, "full_key", None):
-        return unknown_key_message(str(cause.full_key), schema)
+        return where + unknown_key_message(str(cause.full_key), schema)
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
-        return bad_value_message(str(cause.full_key), cause, schema)
+        return where + bad_value_message(str(cause.full_key), cause, schema)
     if isinstance(err, ConfigCompositionException):
         first = str(err).splitlines()[0]
         if "Could not append to config. An item is already at" in first:
@@ -114,6 +115,23 @@ def explain(err: BaseException, conf_dir: str, schema: type = RunConfig) -> Opti
             return f"+{group}=... adds a second {group}; pick one with {group}=<option> (no '+')."
         return f"the command line does not compose: {first}"
     return None
+
+
+def _innermost_config_error(err: BaseException) -> BaseException:
+    """The OmegaConf error under Hydra's wrappers (a key error can sit two causes deep)."""
+    found: BaseException = err.__cause__ or err.__context__ or err
+    seen = 0
+    while not getattr(found, "full_key", None) and (found.__cause__ or found.__context__) and seen < 5:
+        found, seen = found.__cause__ or found.__context__, seen + 1  # type: ignore[assignment]
+    return found
+
+
+def _config_file(err: BaseException) -> str:
+    """'in data/mymix.yaml: ' when the error is in a config file rather than on the command line."""
+    first = str(err).splitlines()[0] if str(err) else ""
+    if first.startswith("In '") and "'" in first[4:]:
+        return f"in {first[4:].split(chr(39))[0]}.yaml: "
+    return ""
 
 
 def unknown_key_message(key: str, schema: type = RunConfig) -> str:

@@ -86,6 +86,8 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
             resume=str(cfg.train.resume),
             save_total_limit=int(cfg.train.save_total_limit),
             callbacks=[str(c) for c in cfg.train.callbacks],
+            eval_samples=int(cfg.eval.samples),
+            eval_max_new_tokens=int(cfg.eval.max_new_tokens),
         ),
         training_args=training_args(cfg, run_dir, device, dtype, strat),
         logger=LoggerSpec(

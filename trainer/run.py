@@ -82,6 +82,9 @@ def train(plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
         callbacks=callbacks,
     )
     run_loss.attach(trainer)
+    samples = _samples(plan, train_set, tokenizer)
+    if samples is not None:
+        trainer.add_callback(samples)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
@@ -111,6 +114,10 @@ def train(plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
             metrics["eval_perplexity_before"] = perplexity(before[0])
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         metrics["eval_perplexity"] = perplexity(metrics["eval_loss"])
+    if samples is not None and trainer.is_world_process_zero():
+        written = samples.write_after(trainer.model, trainer.args.device)
+        if written:
+            metrics["samples"] = str(written)
 
     metrics.update(_memory())
     metrics["world_size"] = plan.world_size
@@ -124,6 +131,19 @@ def train(plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
         if wandb_cb is not None:
             wandb_cb.finish(metrics)
     return metrics
+
+
+def _samples(plan: RunPlan, train_set: Any, tokenizer: Any) -> Any:
+    """eval.samples: the callback that answers held-out prompts before and after training (trainer/samples.py)."""
+    if plan.run.eval_samples <= 0:
+        return None
+    from trainer.data.sets import TokenizedRows
+    from trainer.samples import samples_callback
+
+    prepared = getattr(train_set, "prepared", None)
+    rows = TokenizedRows(prepared.table, prepared.eval_index, prepared.lengths) \
+        if prepared is not None and len(prepared.eval_index) else None
+    return samples_callback(plan, rows, tokenizer)
 
 
 def _record_data(run_dir: str, rank: int, train_set: Any) -> None:

@@ -122,8 +122,9 @@ BOUNDS: List[Bound] = [
     Bound("peft.pissa_iters", low=1, example="16"),
     Bound("quant.group_size", low=1, example="64"),
     Bound("data.eval_fraction", low=0, high=1, high_open=True, example="0.1"),
-    Bound("data.max_samples", low=1, nullable=True, example="null (every record) or a number of records"),
     Bound("seed", low=0, example="42"),
+    Bound("eval.samples", low=0, example="4 (0: none)"),
+    Bound("eval.max_new_tokens", low=1, example="128"),
     Bound("launcher.nnodes", low=1, example="1"),
     *(Bound(f"model.tiny.{k}", low=1, nullable=True, example="the default in trainer/schema.py")
       for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -153,6 +154,13 @@ RULES = [
         lambda cfg: cfg.do_eval and cfg.data.eval_fraction == 0,
         "do_eval=true needs a held-out split, but data.eval_fraction=0.",
         "set data.eval_fraction=0.1, or do_eval=false.",
+    ),
+    error(
+        "eval.samples_needs_eval",
+        ["eval", "data"],
+        lambda cfg: cfg.eval.samples > 0 and not cfg.do_eval,
+        "eval.samples={cfg.eval.samples} answers held-out prompts, but do_eval=false holds none out.",
+        "set do_eval=true (with data.eval_fraction > 0), or eval.samples=0.",
     ),
     error(
         "run.nothing_to_do",

@@ -84,12 +84,23 @@ def dirs_to_make(path: Path) -> List[Path]:
     return made
 
 
+# What a run keeps beside run dirs in an output root: the tokenized data cache and the checkpoint key.
+ROOT_INTERNALS = (".data_cache", ".qforge")
+
+
 def remove_made(made: List[Path]) -> None:
-    """Undo a start that failed before anything worth keeping: the run dir, then its new parents while empty."""
+    """Undo a start that failed before anything worth keeping: the run dir, then its new parents while empty.
+
+    A parent this start made (an output root that did not exist) may hold only what this start put there
+    beside the run dir (a half-built data cache, the checkpoint key): that goes too.
+    """
     if not made:
         return
     shutil.rmtree(made[0], ignore_errors=True)
-    for parent in made[1:]:  # e.g. outputs/<date>/ made for this run
+    for parent in made[1:]:  # e.g. outputs/<date>/ and outputs/ made for this run
+        for internal in ROOT_INTERNALS:
+            if (parent / internal).is_dir():
+                shutil.rmtree(parent / internal, ignore_errors=True)
         try:
             parent.rmdir()
         except OSError:

@@ -322,6 +322,14 @@ class TrainLoop:
 
 
 @dataclass
+class EvalConfig:
+    """What a person reads after a run: eval.samples held-out prompts answered before and after training."""
+
+    samples: int = 0  # 0: none; N: samples.md with N generations (greedy) next to the reference answers
+    max_new_tokens: int = 128
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -331,6 +339,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     train: TrainLoop = field(default_factory=TrainLoop)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     dry_run: bool = False
     do_train: bool = True
     do_eval: bool = True

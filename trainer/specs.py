@@ -81,6 +81,8 @@ class RunSpec:
     resume: str  # auto, never, or a checkpoint dir
     save_total_limit: int
     callbacks: List[str]  # "module:function" factories of extra TrainerCallbacks
+    eval_samples: int = 0  # held-out prompts answered before and after training (trainer/samples.py)
+    eval_max_new_tokens: int = 128
 
 
 @dataclass

@@ -41,7 +41,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def preview(overrides: Sequence[str], n_examples: int, n_records: int, out: TextIO) -> int:
     from trainer.compose import compose
     from trainer.data import sources, templates
-    from trainer.data.spec import data_spec
     from trainer.data.tokenize import Encoder
     from trainer.validate import validate
 
@@ -51,8 +50,11 @@ def preview(overrides: Sequence[str], n_examples: int, n_records: int, out: Text
     if not report.ok:
         print(f"qforge: {len(report.errors)} rule(s) reject this composition.", file=sys.stderr)
         return 2
-    spec = data_spec(cfg)
-    tokenizer = _tokenizer(cfg)
+    from trainer.plan import build_plan
+
+    plan = build_plan(cfg)
+    spec = plan.data
+    tokenizer = _tokenizer(plan.model)
     template = templates.resolve(spec["template"], tokenizer, chat_data=any(s["format"] == "sharegpt"
                                                                             for s in spec["sources"]))
     print(f"template: {template.name}; trained spans from {template.mask_source}; end of turn: "
@@ -91,12 +93,16 @@ def preview(overrides: Sequence[str], n_examples: int, n_records: int, out: Text
     return 0
 
 
-def _tokenizer(cfg: Any) -> Any:
+def _tokenizer(model: Any) -> Any:
     """The run's tokenizer, without building or loading a model (the embedded model's is the shipped one)."""
-    from trainer.model import load_tokenizer, model_source
+    import dataclasses
+
+    from trainer.model import load_tokenizer
     from trainer.tiny import TOKENIZER_DIR
 
-    return load_tokenizer(cfg, str(TOKENIZER_DIR) if cfg.model.name_or_path is None else model_source(cfg))
+    if model.tiny is not None:
+        model = dataclasses.replace(model, source=str(TOKENIZER_DIR), tiny=None)
+    return load_tokenizer(model)
 
 
 def marked(tokenizer: Any, ids: List[int], spans: List[tuple], color: bool) -> str:

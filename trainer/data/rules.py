@@ -12,6 +12,12 @@ def _sources(cfg: Any) -> list:
     return entries(cfg) if (cfg.data.sources or cfg.data.path is not None) else []
 
 
+def _bad_caps(cfg: Any) -> list:
+    """'key=value' for each max_samples below 1 (data.max_samples or a source's own)."""
+    return [f"{s['where']}.max_samples={s['max_samples']}" for s in _sources(cfg)
+            if s["max_samples"] is not None and s["max_samples"] < 1]
+
+
 def _bad_template(cfg: Any) -> bool:
     template = str(cfg.data.template)
     return template != "auto" and template not in NAMED_TEMPLATES and not is_template_file(template)
@@ -54,9 +60,10 @@ RULES = [
     error(
         "data.max_samples",
         ["data"],
-        lambda cfg: any(s["max_samples"] is not None and s["max_samples"] < 1 for s in _sources(cfg)),
-        "data.max_samples (or a source's max_samples) must be at least 1.",
+        lambda cfg: bool(_bad_caps(cfg)),
+        "{caps} must be null or at least 1.",
         "set it to a positive number of records, or null for all of them.",
+        details=lambda cfg: {"caps": ", ".join(_bad_caps(cfg))},
     ),
     error(
         "data.template",

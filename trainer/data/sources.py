@@ -60,6 +60,8 @@ def _load_file(source: Dict[str, Any], raw_cache: str, streaming: bool) -> Any:
     file_type = source["file_type"]
     if os.path.getsize(path) == 0 or (file_type == "json" and _only_blank(path)):
         raise UserError(f"{path} holds no records; point {source['where']}.path at a file with at least one example.")
+    if file_type in ("json", "csv"):
+        check_utf8(path)
     try:
         with _offline():
             dataset = datasets.load_dataset(file_type, data_files=path, split="train", cache_dir=raw_cache,
@@ -76,6 +78,28 @@ def _load_file(source: Dict[str, Any], raw_cache: str, streaming: bool) -> Any:
     if not streaming and len(dataset) == 0:
         raise UserError(f"{path} holds no records; point {source['where']}.path at a file with at least one example.")
     return dataset
+
+
+def check_utf8(path: str) -> None:
+    """Text formats must be UTF-8: pyarrow reads other bytes into the table, and they fail later, far from here."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                position = offset + err.start
+                raise UserError(f"{path} is not UTF-8 text (byte {position} is 0x{block[err.start]:02x}); save the "
+                                "file as UTF-8, e.g. with: iconv -f latin1 -t utf-8 in.jsonl > out.jsonl.") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text (it ends inside a multi-byte character); save the file as "
+                        "UTF-8, e.g. with: iconv -f latin1 -t utf-8 in.jsonl > out.jsonl.") from None
 
 
 def _starts_with_bracket(path: str) -> bool:

@@ -36,6 +36,15 @@ RULES: List[Rule] = [
         "inside its own module's call, and the fused LoRA branch reads the LoRA weights without that call.",
         "set train.fused_lora=null (peft's LoRA forward under ZeRO-3) or use strategy=fsdp.",
     ),
+    error(
+        "eval.samples_sharded",
+        ["eval", "strategy"],
+        lambda cfg: cfg.eval.samples > 0 and chosen(cfg).shards_weights,
+        "eval.samples generates on one rank with the whole model, which strategy={cfg.strategy.name.value} never "
+        "holds in one place.",
+        "use strategy=ddp (or single) for runs with samples, or export the run (python -m trainer.export) and "
+        "generate from the merged model.",
+    ),
     warning(
         "strategy.one_process",
         ["strategy", "launcher"],

@@ -29,6 +29,12 @@ PKGS=(
   hqq==0.2.8.post1            # sdist only, built below
   termcolor==3.3.0            # hqq
   liger-kernel==0.8.5
+  # the data layer (trainer/data): datasets and the two it needs that the device lacks (xxhash, fsspec,
+  # pandas, huggingface-hub, pyarrow are there). 4.3.0, not CI's 5.2.0: 5.x needs pyarrow>=24, newer than the
+  # device's; 4.3.0 is the version unsloth ran with there (pyproject allows datasets>=3.0).
+  datasets==4.3.0
+  dill==0.4.0
+  multiprocess==0.70.18
   # deepspeed's deps missing on the device (einops, msgpack, ninja, psutil,
   # py-cpuinfo, numpy, tqdm, packaging are there)
   hjson==3.1.0
@@ -100,7 +106,7 @@ for f in sorted(os.listdir(d)):
     parts = f[:-4].split("-")
     names[parts[0].lower().replace("_", "-")] += 1
     py, abi, plat = parts[-3:]
-    ok_py = any(t in ("py3", "cp312") for t in py.split("."))
+    ok_py = any(t in ("py3", "py312", "cp312") for t in py.split("."))
     ok_plat = plat == "any" or all("x86_64" in p for p in plat.split("."))
     if not (ok_py and ok_plat and abi in ("none", "cp312", "abi3")):
         bad.append(f)

@@ -12,11 +12,17 @@ if ! ls "$_qf_root"/.whl/*.whl >/dev/null 2>&1; then
   return 1 2>/dev/null || exit 1
 fi
 
-if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site "$_qf_root"/.whl/*.whl; then
-  echo "install_on_device: pip install failed" >&2
-  return 1 2>/dev/null || exit 1
+# Installed once per machine: scripts that each source this file can run side by side.
+_qf_stamp="/tmp/site/.qforge-wheels-$(ls "$_qf_root"/.whl/*.whl | sha256sum | cut -c1-16)"
+if [ ! -f "$_qf_stamp" ]; then
+  if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target /tmp/site "$_qf_root"/.whl/*.whl; then
+    echo "install_on_device: pip install failed" >&2
+    return 1 2>/dev/null || exit 1
+  fi
+  touch "$_qf_stamp"
 fi
+unset _qf_stamp
 
 export PYTHONPATH="/tmp/site:$_qf_root${PYTHONPATH:+:$PYTHONPATH}"
 # Nothing outside the machine can be reached: no hub downloads, no wandb sync.

@@ -26,7 +26,7 @@ def test_bnb4_weights_keep_their_training_layout_through_evaluation() -> None:
     from trainer.tiny import ensure_tiny_model
 
     cfg = compose(["quant=bnb4"])
-    model = from_pretrained(str(ensure_tiny_model(cfg.model.tiny)), quantization_kwargs(cfg, "float32"),
+    model = from_pretrained(str(ensure_tiny_model(cfg.model.tiny)), quantization_kwargs(cfg, "cpu", "float32"),
                             {"dtype": torch.float32})
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)

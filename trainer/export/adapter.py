@@ -50,7 +50,8 @@ def model_card(source: ExportSource, config: Dict[str, Any]) -> str:
         quant = plan.quant.method + (f" {plan.quant.bits}-bit" if plan.quant.bits else "")
         lines += [f"| quantization while training | {quant} ({plan.quant.backend}) |",
                   f"| strategy | {plan.strategy.name} on {plan.world_size} process(es), {plan.compute_dtype} |",
-                  f"| data | `{plan.data.path}` ({plan.data.format}), max_seq_len {plan.data.max_seq_len}, "
+                  f"| data | {_data_sources(plan.data)}, template {plan.data.get('template', {}).get('name')}, "
+                  f"max_seq_len {plan.data.get('max_seq_len')}, "
                   f"packing {'on' if plan.speed.packing else 'off'} |",
                   f"| optimizer | {plan.training_args.get('optim')} lr {plan.training_args.get('learning_rate')}, "
                   f"{plan.training_args.get('lr_scheduler_type')} schedule, batch "
@@ -71,6 +72,15 @@ def model_card(source: ExportSource, config: Dict[str, Any]) -> str:
               f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})",
               "model = PeftModel.from_pretrained(base, \"<this dir>\")", "```", ""]
     return "\n".join(lines)
+
+
+def _data_sources(data: Dict[str, Any]) -> str:
+    """The plan's data sources as `path` (format, weight), one per source."""
+    parts = []
+    for source in data.get("sources", []):
+        weight = f", weight {source.get('weight')}" if len(data.get("sources", [])) > 1 else ""
+        parts.append(f"`{source.get('path')}` ({source.get('format')}{weight})")
+    return "; ".join(parts) or "none"
 
 
 def _targets(config: Dict[str, Any]) -> str:

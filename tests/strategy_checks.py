@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 
 def metrics(run_dir: Path) -> Dict[str, Any]:
@@ -72,22 +72,25 @@ def overrides(strategy: str, quant: str, run_dir: Path, save_steps: int = SAVE_S
             "train.callbacks=[tests.probes:fixed_logits,tests.probes:rank_params,tests.probes:rank_imports]"]
 
 
-def command(strategy: str, quant: str, run_dir: Path, save_steps: int = SAVE_STEPS) -> List[str]:
-    return [sys.executable, str(REPO / "train.py"), *overrides(strategy, quant, run_dir, save_steps)]
+def command(strategy: str, quant: str, run_dir: Path, save_steps: int = SAVE_STEPS,
+            extra: Sequence[str] = ()) -> List[str]:
+    return [sys.executable, str(REPO / "train.py"), *overrides(strategy, quant, run_dir, save_steps), *extra]
 
 
-def finished_run(strategy: str, quant: str, cpu_env: Optional[Dict[str, str]] = None) -> Path:
+def finished_run(strategy: str, quant: str, cpu_env: Optional[Dict[str, str]] = None,
+                 extra: Sequence[str] = ()) -> Path:
     """Run (once) an uninterrupted 2-process job; returns its run dir. Fails with the job's output.
 
-    cpu_env caps the CPU kernels' instruction set (tests.conftest.cpu_paths); each path is its own run.
+    cpu_env caps the CPU kernels' instruction set (tests.conftest.cpu_paths); each path is its own run, and so is
+    each set of extra overrides.
     """
     cpu_env = dict(cpu_env or {})
-    key = (strategy, quant, tuple(sorted(cpu_env.items())))
+    key = (strategy, quant, tuple(sorted(cpu_env.items())), tuple(extra))
     if key not in _FINISHED:
-        suffix = "-avx2" if cpu_env else ""
+        suffix = ("-avx2" if cpu_env else "") + "".join(f"-{e.replace('=', '_')}" for e in extra)
         run_dir = _ROOT / f"{strategy}-{quant}{suffix}"
-        proc = subprocess.run(command(strategy, quant, run_dir), cwd=REPO, capture_output=True, text=True,
-                              timeout=600, env={**os.environ, **cpu_env})
+        proc = subprocess.run(command(strategy, quant, run_dir, extra=extra), cwd=REPO, capture_output=True,
+                              text=True, timeout=600, env={**os.environ, **cpu_env})
         assert proc.returncode == 0, f"{strategy}/{quant}{suffix} failed:\n{proc.stderr[-4000:]}"
         _FINISHED[key] = run_dir
     return _FINISHED[key]

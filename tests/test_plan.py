@@ -26,7 +26,7 @@ def test_the_plan_round_trips_through_plan_json_typed(tmp_path: Path) -> None:
     assert back == plan and back.to_dict() == plan.to_dict()
     assert back.strategy.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     assert back.quant.load_kwargs["bnb_4bit_quant_storage"] == back.compute_dtype  # FSDP shards bnb4
-    assert back.model.device_map is None and back.speed.fused_cross_entropy is False  # CPU; FSDP's lm_head
+    assert back.model.device_map is None and back.speed.fused_cross_entropy is True  # CPU; FSDP's head gathered
 
 
 def test_the_dry_run_prints_exactly_the_plan_a_rank_reads(output_root: Path) -> None:

@@ -34,6 +34,24 @@ def test_bnb4_strategy_on_avx2_kernels(strategy: str, cpu_env: dict) -> None:
     check_strategy_run(strategy, "bnb4", cpu_env)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_chunked_loss_under_sharded_strategies_trains_like_the_stock_head(strategy: str) -> None:
+    """The chunked loss reads lm_head.weight itself, which FSDP2 leaves sharded and ZeRO-3 gathers only inside a
+    forward (trainer/fused_loss.py): step by step, the same losses and gradient norms as the stock head."""
+    chunked = finished_run(strategy, "bnb4")
+    stock = finished_run(strategy, "bnb4", extra=["train.fused_ce=false"])
+    for run_dir, fused in ((chunked, True), (stock, False)):
+        plan = json.loads((run_dir / ".hydra" / "plan.json").read_text())
+        assert plan["speed"]["fused_cross_entropy"] is fused
+        assert ("chunked linear cross-entropy" in (run_dir / "train.log").read_text()) is fused
+    steps = [[(e["loss"], e["grad_norm"]) for e in metrics(run_dir)["log_history"] if "loss" in e]
+             for run_dir in (chunked, stock)]
+    assert len(steps[0]) == len(steps[1]) == STEPS
+    for (loss, norm), (stock_loss, stock_norm) in zip(*steps):
+        assert loss == pytest.approx(stock_loss, rel=1e-4) and norm == pytest.approx(stock_norm, rel=1e-3)
+
+
 def check_strategy_run(strategy: str, quant: str, cpu_env: dict) -> None:
     run_dir = finished_run(strategy, quant, cpu_env)
     m = metrics(run_dir)

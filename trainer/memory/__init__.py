@@ -81,9 +81,11 @@ TORCH_CE_CHUNK_ELEMENTS = 1 << 27
 # trainer.speed.LIGER_MODEL_TYPES / NO_FUSED_LORA_STRATEGIES, repeated here to keep this module import-light.
 LIGER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# The strategies' own facts (trainer/strategies/): which shard weights, which the fused LoRA branch cannot use.
+# The strategies' own facts (trainer/strategies/): which shard weights, which the fused LoRA branch and the
+# chunked loss cannot use.
 SHARDED_STRATEGIES = tuple(s.name for s in _STRATEGIES if s.shards_weights)
 NO_FUSED_LORA_STRATEGIES = tuple(s.name for s in _STRATEGIES if not s.allows_fused_lora)
+NO_FUSED_CE_STRATEGIES = tuple(s.name for s in _STRATEGIES if not s.allows_fused_ce)
 
 
 
@@ -826,8 +828,8 @@ def _fused_lora(x: Inputs) -> bool:
 
 
 def _fused_ce(x: Inputs) -> bool:
-    """trainer.speed's chunked loss: not under sharded strategies, and not when lm_head is trained."""
-    return x.fused_ce and x.strategy not in SHARDED_STRATEGIES and x.peft != "full"
+    """trainer.speed's chunked loss: where the strategy allows it, and not when lm_head is trained."""
+    return x.fused_ce and x.strategy not in NO_FUSED_CE_STRATEGIES and x.peft != "full"
 
 
 def _activations(x: Inputs, checkpointed: int) -> _Activations:
@@ -918,7 +920,7 @@ def _moves(x: Inputs, p: Prediction) -> List[Fix]:
             moves.append(Fix("eval", "train.eval_batch_size=1", r(x, eval_batch=1)))
         else:
             moves.append(Fix("eval", "do_eval=false", r(x, do_eval=False)))
-    if x.do_train and not x.fused_ce and x.strategy not in SHARDED_STRATEGIES and x.peft != "full":
+    if x.do_train and not x.fused_ce and x.strategy not in NO_FUSED_CE_STRATEGIES and x.peft != "full":
         moves.append(Fix("fused_ce", "train.fused_ce=true", r(x, fused_ce=True)))
     if x.do_train and x.fused_lora is False and x.peft in ("lora", "pissa") \
             and x.strategy not in NO_FUSED_LORA_STRATEGIES:

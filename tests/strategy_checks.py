@@ -11,6 +11,11 @@ def metrics(run_dir: Path) -> Dict[str, Any]:
     return json.loads((run_dir / "metrics.json").read_text())
 
 
+def launcher_stderr(run_dir: Path) -> str:
+    """What a finished_run job printed to stderr (every rank's, through torchrun)."""
+    return (run_dir.parent / f"{run_dir.name}.stderr").read_text()
+
+
 def train_losses(run_dir: Path) -> List[float]:
     return [e["loss"] for e in metrics(run_dir)["log_history"] if "loss" in e]
 
@@ -92,5 +97,6 @@ def finished_run(strategy: str, quant: str, cpu_env: Optional[Dict[str, str]] = 
         proc = subprocess.run(command(strategy, quant, run_dir, extra=extra), cwd=REPO, capture_output=True,
                               text=True, timeout=600, env={**os.environ, **cpu_env})
         assert proc.returncode == 0, f"{strategy}/{quant}{suffix} failed:\n{proc.stderr[-4000:]}"
+        (_ROOT / f"{run_dir.name}.stderr").write_text(proc.stderr)
         _FINISHED[key] = run_dir
     return _FINISHED[key]

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from tests.conftest import cpu_paths, run_cli
-from tests.strategy_checks import STEPS, finished_run, metrics, reload_logits, train_losses
+from tests.strategy_checks import STEPS, finished_run, launcher_stderr, metrics, reload_logits, train_losses
 
 CASES = [(s, q) for s in ("ddp", "fsdp", "zero2", "zero3") for q in ("none", "bnb4")]
 
@@ -56,6 +56,9 @@ def check_strategy_run(strategy: str, quant: str, cpu_env: dict) -> None:
     run_dir = finished_run(strategy, quant, cpu_env)
     m = metrics(run_dir)
     assert m["world_size"] == 2 and m["steps"] == STEPS
+
+    # Library deprecation chatter is silenced by its exact text (trainer/library_noise.py); nothing else is.
+    assert "FutureWarning" not in launcher_stderr(run_dir) and "DeprecationWarning" not in launcher_stderr(run_dir)
 
     losses = train_losses(run_dir)
     assert len(losses) == STEPS

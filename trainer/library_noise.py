@@ -16,6 +16,9 @@ _WARNINGS = [(FutureWarning, r"`is_gradient_checkpointing` is deprecated")]
 # torch 2.14 deprecates with a FutureWarning (2.13: a DeprecationWarning).
 _WARNINGS += [(category, r"`torch\.jit\.script(_method)?` is deprecated") for category in (FutureWarning,
                                                                                              DeprecationWarning)]
+# DeepSpeed 0.19.8's ZeRO collectives call torch.distributed.all_gather_into_tensor and reduce_scatter_tensor,
+# which torch 2.13 deprecates: one FutureWarning per call, about 200 lines in a short ZeRO-3 run.
+_WARNINGS += [(FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")]
 
 # bitsandbytes 0.50 on AVX512-BF16 CPUs tries to load an optional inference kernel at import; qforge never
 # takes that path (quant/bnb.keep_training_layout), so its absence is no news.

@@ -229,6 +229,9 @@ def training_args(cfg: Any, run_dir: str, device: str, dtype: str, strat: Strate
         f"{checkpointing}_kwargs": {"use_reentrant": False},
         "remove_unused_columns": False,
         "dataloader_num_workers": 0,
+        # Pinned host memory only speeds copies to a GPU; on CPU torch warns that it does nothing (FSDP and ZeRO on
+        # gloo turn use_cpu off, so the Trainer would still ask for it).
+        "dataloader_pin_memory": device != "cpu",
         "report_to": [],
         "disable_tqdm": False,
         "logging_first_step": True,

@@ -811,6 +811,13 @@ def layer_tensors(x: Inputs, tokens: int, batch: int, seq: int) -> Tuple[float, 
         # see: a checkpointed layer still holds its norm outputs, attention output and MLP product.
         checkpointed += c * N * (2 * H + Hq + inter)
         notes.append("bnb 8-bit: every linear keeps its input, in checkpointed layers too (ctx.tensors)")
+        # LLM.int8 also keeps the input columns that exceed its outlier threshold (6.0) as a separate copy (subA),
+        # which depends on the weights and data, not the shape: nearly none for inputs normalised to unit RMS,
+        # every down_proj column for a random-weight 8B model (its SwiGLU product is heavy-tailed; measured on
+        # CPU, 99.9% of columns at 2048 tokens), which is the 8B bench cells' gap in docs/memory.md.
+        notes.append(f"bnb 8-bit: input columns over LLM.int8's outlier threshold are kept a second time, not "
+                     f"counted: at most {s.layers * c * N * inter / GIB:.2f} GiB if every down_proj column has "
+                     "one (random-weight checkpoints do; see docs/memory.md, Known limits)")
     if mask:
         notes.append("packed rows assumed to hold several examples: SDPA gets a block-diagonal mask "
                      "(batch x seq^2) and k/v repeated to every head")

@@ -333,13 +333,19 @@ def test_docs_memory_shows_the_current_predictions_for_the_recorded_rows(shape_d
             f"docs/memory.md is stale for {where}: the model now predicts {p.train_peak_bytes / GIB:.2f} GiB"
 
 
-def test_eval_uses_the_stock_head_on_the_eval_batch(shape_dirs: Dict[str, Path]) -> None:
-    model = ["model=local", f"model.name_or_path={shape_dirs['8b']}", "quant=bnb4", "train.max_seq_len=2048"]
-    p = gpu(*model, "train.eval_batch_size=8")
-    assert p.peak_phase.name == "eval forward"  # 16k tokens of bf16 + fp32 logits and fp32 log-softmax
-    assert p.phase_bytes("eval forward") - p.static_bytes > 10 * 8 * 2048 * 128256
-    assert gpu(*model, "train.eval_batch_size=1").peak_phase.name != "eval forward"
-    assert all(ph.name != "eval forward" for ph in gpu(*model, "do_eval=false").phases)
+def test_eval_holds_one_chunk_of_logits_with_the_chunked_loss_and_the_whole_batch_without(
+        shape_dirs: Dict[str, Path]) -> None:
+    model = ["model=local", f"model.name_or_path={shape_dirs['8b']}", "quant=bnb4", "train.max_seq_len=2048",
+             "train.eval_batch_size=8"]
+    stock = gpu(*model, "train.fused_ce=false")
+    assert stock.peak_phase.name == "eval forward"  # 16k tokens of bf16 + fp32 logits and fp32 log-softmax
+    assert stock.phase_bytes("eval forward") - stock.static_bytes > 10 * 8 * 2048 * 128256
+    assert gpu(*model, "train.fused_ce=false", "train.eval_batch_size=1").peak_phase.name != "eval forward"
+    assert all(ph.name != "eval forward" for ph in gpu(*model, "train.fused_ce=false", "do_eval=false").phases)
+    chunked = gpu(*model)  # the default: the chunked loss evaluates too (trainer/fused_loss.py)
+    assert chunked.peak_phase.name != "eval forward"
+    eval_loss = chunked.phase_bytes("eval forward") - chunked.static_bytes
+    assert eval_loss < 2 * 8 * 2048 * 4096 + 2**27 * 6 + 3 * 2 * 8 * 2048 * 14336 + 2**30  # no whole-batch logits
 
 
 # ---- checkpoint_layers=auto and the rules -------------------------------------------------------------

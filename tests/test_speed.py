@@ -82,15 +82,23 @@ def test_packed_chunked_loss_equals_padded_stock_loss(tiny_model_dir, monkeypatc
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_fused_forward_leaves_eval_and_unlabelled_calls_to_the_stock_head(tiny_model_dir) -> None:
+def test_fused_forward_evaluates_with_the_chunked_loss_and_leaves_unlabelled_calls_to_the_stock_head(
+        tiny_model_dir) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    model.lm_head.weight.requires_grad_(False)
-    fused_loss.install(model)
-    ids = torch.tensor([[5, 6, 7, 8]])
-    model.eval()
-    out = model(input_ids=ids, labels=ids)
-    assert out.logits is not None and out.loss is not None
-    model.train()
-    assert model(input_ids=ids).logits.shape[-1] == model.config.vocab_size
+    def load() -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+        model.lm_head.weight.requires_grad_(False)
+        return model
+
+    stock, model = load(), load()
+    assert fused_loss.install(model)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    labels = ids.clone()
+    labels[0, :2] = fused_loss.IGNORE_INDEX
+    with torch.no_grad():  # how the Trainer evaluates: the loss only, no logits kept
+        out, reference = model(input_ids=ids, labels=labels), stock(input_ids=ids, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, reference.loss, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # generation and probes: no labels, the stock head's logits
+        assert torch.equal(model(input_ids=ids).logits, stock(input_ids=ids).logits)

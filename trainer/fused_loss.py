@@ -139,7 +139,12 @@ def fusable(model: Any) -> bool:
 
 
 def install(model: Any, use_liger: bool = False) -> bool:
-    """Route training forwards with labels through the chunked loss; eval and generation keep the stock head.
+    """Route forwards with labels (training and evaluation) through the chunked loss; generation and other
+    unlabelled calls keep the stock head and its logits.
+
+    Evaluation needs only the loss (the Trainer evaluates with prediction_loss_only when there are no metrics,
+    which qforge never sets), and the stock head's logits for a whole eval batch are the largest tensor a run
+    allocates: 16k tokens x a 128k vocabulary is 4 GiB of bf16 logits plus their fp32 copy and log-softmax.
 
     The forward is replaced on this instance only, so the outer call (peft, DDP, FSDP) still goes through
     every wrapper and hook. Returns False (and changes nothing) when the model does not fit the pattern.
@@ -152,14 +157,18 @@ def install(model: Any, use_liger: bool = False) -> bool:
     # Keyword pass-through, never naming the cache argument: transformers renamed it (past_key_values ->
     # cache in 5.24, which warns on the old name), and a training step uses no cache anyway.
     def forward(self: Any, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
-        if labels is None or not self.training or self.lm_head.weight.requires_grad:
+        if labels is None or self.lm_head.weight.requires_grad:
             return stock(*args, labels=labels, **kwargs)
+        import torch
         from transformers.modeling_outputs import CausalLMOutputWithPast
 
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("logits_to_keep", None)  # the chunked loss covers every position
         outputs = self.model(*args, **kwargs)
-        loss = linear_cross_entropy(outputs.last_hidden_state, self.lm_head.weight, labels, num_items, use_liger)
+        # liger's kernel is a training kernel (it computes the hidden states' gradient as it goes); without
+        # autograd the torch loop is the same value at one chunk of memory.
+        liger = use_liger and torch.is_grad_enabled()
+        loss = linear_cross_entropy(outputs.last_hidden_state, self.lm_head.weight, labels, num_items, liger)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     model.forward = MethodType(forward, model)

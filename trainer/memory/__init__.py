@@ -893,12 +893,18 @@ def _activations(x: Inputs, checkpointed: int) -> _Activations:
     backward = [Term("gradients of one layer's activations", c * N * H + max(mlp, attention) - dequant)]
     if dequant:
         backward.append(Term("dequantized weight (largest matrix, compute dtype)", dequant))
-    # Evaluation keeps nothing for backward, but the chunked loss trains only: the stock head's bf16 logits,
-    # their fp32 copy and the log-softmax for the whole eval batch.
+    # Evaluation keeps nothing for backward. The chunked loss evaluates too (no gradient): the final hidden
+    # states and one chunk's logits in the compute dtype and fp32. The stock head: its bf16 logits, their fp32
+    # copy and the log-softmax for the whole eval batch.
     eval_tokens = x.eval_batch * seq
-    evals = [Term(f"eval logits and loss (batch {x.eval_batch}, stock head)",
-                  (c + 8 if c < 4 else 8) * eval_tokens * V),
-             Term("eval: one layer's temporaries", 3 * c * eval_tokens * inter + dequant)]
+    if fused_ce:
+        rows = max(1, TORCH_CE_CHUNK_ELEMENTS // V)
+        eval_loss = [Term("eval: final hidden states (chunked CE)", c * eval_tokens * H),
+                     Term("eval loss: one chunk of logits", min(rows, eval_tokens) * V * (4 + (c if c < 4 else 0)))]
+    else:
+        eval_loss = [Term(f"eval logits and loss (batch {x.eval_batch}, stock head)",
+                          (c + 8 if c < 4 else 8) * eval_tokens * V)]
+    evals = [*eval_loss, Term("eval: one layer's temporaries", 3 * c * eval_tokens * inter + dequant)]
     if mask:
         evals.append(Term("eval packed attention mask and its bias", x.eval_batch * seq * seq * (1 + c)))
     return _Activations(tokens=N, kept=kept, kept_bwd=kept_bwd, model_fwd=model_fwd, model_bwd=model_bwd,

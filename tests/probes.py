@@ -80,3 +80,20 @@ def rank_imports(plan: Any) -> Any:
                 json.dumps({"rank": _rank(), "argv": sys.argv, "imported": imported}))
 
     return RankImports()
+
+
+def first_batch(plan: Any) -> Any:
+    """Each rank writes the sha256 of the first training batch its dataloader yields (a fresh iterator over it:
+    a streaming dataset restarts from its first row, so the run's own iteration is unchanged)."""
+    from transformers import TrainerCallback
+
+    class FirstBatch(TrainerCallback):  # type: ignore[misc]
+        def on_train_begin(self, args: Any, state: Any, control: Any, train_dataloader: Any = None,
+                           **kwargs: Any) -> None:
+            batch = next(iter(train_dataloader))
+            ids = batch["input_ids"].cpu().numpy()
+            (Path(plan.run_dir) / f"first_batch-{_rank()}.json").write_text(
+                json.dumps({"rank": _rank(), "sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+                            "shape": list(ids.shape)}))
+
+    return FirstBatch()

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from transformers import AutoTokenizer
 
@@ -45,10 +46,13 @@ def test_the_stream_is_deterministic_packed_and_interleaved_by_weight(tmp_path: 
         p.name != "raw" for p in (tmp_path / ".data_cache").iterdir())  # nothing tokenized is cached
 
 
-def command(run_dir: Path, save_steps: int) -> list:
+def command(run_dir: Path, save_steps: int, ranks: int = 1) -> list:
+    ranks_args = [] if ranks == 1 else ["launcher=torchrun", f"launcher.nproc_per_node={ranks}", "strategy=ddp",
+                                        "train.callbacks=[tests.probes:first_batch]"]
     return [sys.executable, str(REPO / "train.py"), "quant=none", "data.streaming=true", "do_eval=false",
             f"train.max_steps={STEPS}", f"train.save_steps={save_steps}", "train.logging_steps=1",
-            "train.max_seq_len=128", "train.batch_size=2", f"output_root={run_dir.parent}", f"run_dir={run_dir}"]
+            "train.max_seq_len=128", "train.batch_size=2", f"output_root={run_dir.parent}", f"run_dir={run_dir}",
+            *ranks_args]
 
 
 def losses(run_dir: Path) -> dict:
@@ -57,27 +61,37 @@ def losses(run_dir: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_killed_streaming_run_resumes_from_the_right_sample(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ranks", [1, 2], ids=["one-process", "ddp-2-ranks"])
+def test_a_killed_streaming_run_resumes_from_the_right_sample(tmp_path: Path, ranks: int) -> None:
+    """With 2 DDP ranks each rank reads the stream and keeps its own share of the rows (trainer/plan.py)."""
     reference = tmp_path / "reference"
-    done = subprocess.run(command(reference, STEPS), cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command(reference, STEPS, ranks), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    if ranks > 1:
+        firsts = [json.loads((reference / f"first_batch-{r}.json").read_text()) for r in range(ranks)]
+        assert firsts[0]["shape"][0] == 2 and firsts[0]["sha256"] != firsts[1]["sha256"], firsts  # its own rows
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(command(killed, 1), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(command(killed, 1, ranks), cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     marker = killed / "checkpoints" / "checkpoint-2" / checkpoints.COMPLETE_MARKER
     deadline = time.monotonic() + 300
     while not marker.exists():
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint-2 before the run ended"
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # The launcher, torchrun's agent and every rank die at once (torchrun's workers leave the process group).
+    for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=30)
     assert not (killed / "metrics.json").exists(), "the run finished before the kill landed"
     resumed_from = max(checkpoints.step_of(p) for p in (killed / "checkpoints").glob("checkpoint-*")
                        if (p / checkpoints.COMPLETE_MARKER).exists())
     assert resumed_from < STEPS
 
-    again = subprocess.run(command(killed, 1), cwd=REPO, capture_output=True, text=True, timeout=600)
+    again = subprocess.run(command(killed, 1, ranks), cwd=REPO, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     metrics = json.loads((killed / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == resumed_from and metrics["steps"] == STEPS

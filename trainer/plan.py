@@ -238,4 +238,10 @@ def training_args(cfg: Any, run_dir: str, device: str, dtype: str, strat: Strate
         "include_num_input_tokens_seen": "non_padding",
     }
     args.update(strat.training_args)
+    if cfg.data.streaming:
+        # accelerate's default for an iterable dataset is rank 0 reading every batch and sending each rank its
+        # part, which needs every rank's batch padded to one length (accelerate 1.15 fails on packed rows of
+        # different lengths). Each rank reads the stream itself instead and keeps its own share of the rows
+        # (accelerate's IterableDatasetShard): the same rows in the same order as the dispatched split.
+        args["accelerator_config"] = {**args.get("accelerator_config", {}), "dispatch_batches": False}
     return args

@@ -104,7 +104,8 @@ def grid() -> List[Cell]:
 def smoke_grid() -> List[Cell]:
     c = Cell
     return [c("tiny", "bnb4", 128, 2, None, True), c("tiny", "bnb4", 128, 2, 0, False),
-            c("tiny", "hqq4", 64, 1, 1, True), c("tiny", "none", 128, 2, None, False, "packed")]
+            c("tiny", "hqq4", 64, 1, 1, True), c("tiny", "none", 128, 2, None, False, "packed"),
+            c("tiny", "bnb8", 128, 2, None, False)]
 
 
 # ---- the parent: checkpoints, data, one worker process, results --------------------------------------------
@@ -287,10 +288,12 @@ def _run_cell(model: Any, tokenizer: Any, cell: Cell, job: Dict[str, Any], spec:
     train_set, _, collator = training_data(plan.data, tokenizer)
     adapted = attached["model"] = speed.apply_to_adapter(attach(model, plan.peft, plan.model), plan.speed)
     meter = _Meter()
+    outliers = _Int8Outliers(adapted)
     extra = strategy_for(plan.strategy.name).training_arguments(plan.strategy, plan.run_dir, plan.device)
     args = TrainingArguments(**{**plan.training_args, **extra, "eval_on_start": False})
     trainer = Trainer(model=adapted, args=args, train_dataset=train_set, data_collator=collator,
-                      processing_class=tokenizer, callbacks=[*speed.callbacks(plan.speed), meter.callback()])
+                      processing_class=tokenizer,
+                      callbacks=[*speed.callbacks(plan.speed), meter.callback(), outliers.callback()])
     started = time.monotonic()
     try:
         trainer.train()
@@ -300,6 +303,15 @@ def _run_cell(model: Any, tokenizer: Any, cell: Cell, job: Dict[str, Any], spec:
     row.update({"status": status, "train_s": round(time.monotonic() - started, 1), **meter.result(),
                 "tokens_per_step": cell.batch * cell.seq, "checkpoint_layers_plan": plan.speed.checkpoint_layers,
                 "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]})
+    share = outliers.share()
+    if share is not None:
+        # The outlier columns bnb 8-bit keeps twice depend on this checkpoint's weights (random here): the row
+        # is predicted with the share measured in its first step, and says what the default would predict.
+        remeasured = memory.predict(cfg, device="cuda" if cuda else "cpu", packed_rows=cell.data == "packed",
+                                    int8_outlier_share=share)
+        row.update({"int8_outlier_share": share, "predicted_peak_bytes_default_share": row["predicted_peak_bytes"],
+                    "predicted_peak_bytes": remeasured.train_peak_bytes,
+                    "predicted_phase": _train_phase(remeasured), "prediction": remeasured.to_dict()})
     if not cuda:
         row["measured_static_bytes"] = _model_bytes(adapted)
     trainer.accelerator.free_memory()  # accelerate keeps the prepared model and optimizer referenced
@@ -357,6 +369,46 @@ class _Meter:
         return {"measured_peak_bytes": max(peaks), "measured_reserved_bytes": max(self.reserved,
                                                                                    torch.cuda.max_memory_reserved()),
                 "measured_static_bytes": self.static, "step_peak_bytes": self.step_peaks}
+
+
+class _Int8Outliers:
+    """For bnb 8-bit: the share of down_proj's input columns over LLM.int8's outlier threshold, in the first
+    training step (the columns bitsandbytes keeps a second time for backward; trainer.memory's term)."""
+
+    def __init__(self, model: Any) -> None:
+        self.shares: List[float] = []
+        self.handles = []
+        for name, module in model.named_modules():
+            if type(module).__name__ == "Linear8bitLt" and ".down_proj" in name:
+                self.handles.append(module.register_forward_pre_hook(self._record))
+
+    def _record(self, module: Any, args: tuple) -> None:
+        import torch
+
+        threshold = float(getattr(getattr(module, "state", None), "threshold", 6.0) or 6.0)
+        with torch.no_grad():
+            inputs = args[0].reshape(-1, args[0].shape[-1])
+            self.shares.append((inputs.abs() > threshold).any(0).float().mean().item())
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class _Callback(TrainerCallback):  # type: ignore[misc]
+            def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                meter.stop()
+
+        return _Callback()
+
+    def stop(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def share(self) -> Optional[float]:
+        self.stop()
+        return statistics.mean(self.shares) if self.shares else None
 
 
 def _static_before_step(p: Any) -> float:

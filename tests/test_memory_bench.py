@@ -41,9 +41,16 @@ def test_smoke_bench_trains_each_cell_and_renders_the_table(tmp_path: Path) -> N
         assert row["checkpoint_layers_plan"] == cell.ckpt
         assert row["predicted_peak_bytes"] > row["predicted_static_bytes"]
         assert row["prediction"]["tokens_per_micro_batch"] == cell.batch * cell.seq
+    # bnb 8-bit: the share of down_proj input columns over LLM.int8's threshold was measured in the first step
+    # and the row is predicted with it (the default share's prediction kept beside it)
+    int8 = next(rows[c.name] for c in smoke_grid() if c.quant == "bnb8")
+    assert 0.0 <= int8["int8_outlier_share"] <= 1.0 and "predicted_peak_bytes_default_share" in int8
+    note = next(n for n in int8["prediction"]["assumptions"] if "outlier threshold" in n)
+    assert f"assumed {int8['int8_outlier_share']:.0%} of them" in note
+    assert all("int8_outlier_share" not in rows[c.name] for c in smoke_grid() if c.quant != "bnb8")
     # the two bnb4 cells shared one load, and peft's forward ran before the fused branch
     loads = [line for line in proc.stdout.splitlines() if "loaded in" in line]
-    assert len(loads) == 3
+    assert len(loads) == 4
     order = [line.split(": ")[1] for line in proc.stdout.splitlines() if line.startswith("memory_bench: tiny-bnb4-s")]
     assert order[0].endswith("peft") and order[1].endswith("fused")
 

@@ -81,6 +81,12 @@ TORCH_CE_CHUNK_ELEMENTS = 1 << 27
 # trainer.speed.LIGER_MODEL_TYPES / NO_FUSED_LORA_STRATEGIES, repeated here to keep this module import-light.
 LIGER_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "mixtral")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# bnb 8-bit: the share of down_proj's input columns holding a value over LLM.int8's outlier threshold (6.0),
+# assumed for a pretrained model: SmolLM2-135M-Instruct on the shipped data has 4.1% on average over its layers
+# (37.8% in the worst one) and 0.3% or less in every other linear's input (python -m bench.int8_outliers).
+# Those columns are kept a second time for backward (subA on MatMul8bitLt's ctx); a random-weight checkpoint
+# can have all of them, which is why the bench measures its own share.
+INT8_OUTLIER_SHARE = 0.05
 # The strategies' own facts (trainer/strategies/): which shard weights, which the fused LoRA branch and the
 # chunked loss cannot use.
 SHARDED_STRATEGIES = tuple(s.name for s in _STRATEGIES if s.shards_weights)
@@ -133,6 +139,10 @@ class Inputs:
     device_map_auto: bool
     target_gib: Optional[float]
     target_source: str
+    # bnb 8-bit: the share of down_proj's input columns over LLM.int8's outlier threshold, which bitsandbytes
+    # keeps a second time for backward. A property of the weights and data, not of the config: the default is a
+    # pretrained model's (INT8_OUTLIER_SHARE); bench/memory_bench.py passes what it measured on its checkpoint.
+    int8_outlier_share: float = INT8_OUTLIER_SHARE
 
 
 def _value(x: Any) -> Any:
@@ -373,20 +383,25 @@ def _g(nbytes: float) -> str:
     return f"{nbytes / GIB:.1f} GiB"
 
 
-def predict(cfg: Any, device: Optional[str] = None, packed_rows: Optional[bool] = None) -> Prediction:
+def predict(cfg: Any, device: Optional[str] = None, packed_rows: Optional[bool] = None,
+            int8_outlier_share: Optional[float] = None) -> Prediction:
     """Per-GPU peak memory of a composed config; never raises for a composition the schema accepts.
 
     device: "cuda" or "cpu" to predict for, instead of what this machine and the target memory suggest.
     packed_rows: False when every packed row holds one example (no block-diagonal attention mask); the
     default (train.packing) assumes the worst case, several examples per row.
+    int8_outlier_share: for bnb 8-bit, the measured share of down_proj input columns over LLM.int8's outlier
+    threshold, instead of INT8_OUTLIER_SHARE (a pretrained model's).
     """
-    return predict_with_inputs(cfg, device, packed_rows)[0]
+    return predict_with_inputs(cfg, device, packed_rows, int8_outlier_share)[0]
 
 
-def predict_with_inputs(cfg: Any, device: Optional[str] = None,
-                        packed_rows: Optional[bool] = None) -> Tuple[Prediction, Optional[Inputs]]:
+def predict_with_inputs(cfg: Any, device: Optional[str] = None, packed_rows: Optional[bool] = None,
+                        int8_outlier_share: Optional[float] = None) -> Tuple[Prediction, Optional[Inputs]]:
     try:
         x = inputs_from_cfg(cfg, device=device, packed_rows=packed_rows)
+        if int8_outlier_share is not None:
+            x = dataclasses.replace(x, int8_outlier_share=float(int8_outlier_share))
         shape, source = find_shape(cfg)
         # liger patches only the model types it has kernels for (trainer.speed.LIGER_MODEL_TYPES).
         liger = x.liger and shape is not None and shape.model_type in LIGER_MODEL_TYPES
@@ -811,13 +826,16 @@ def layer_tensors(x: Inputs, tokens: int, batch: int, seq: int) -> Tuple[float, 
         # see: a checkpointed layer still holds its norm outputs, attention output and MLP product.
         checkpointed += c * N * (2 * H + Hq + inter)
         notes.append("bnb 8-bit: every linear keeps its input, in checkpointed layers too (ctx.tensors)")
-        # LLM.int8 also keeps the input columns that exceed its outlier threshold (6.0) as a separate copy (subA),
-        # which depends on the weights and data, not the shape: nearly none for inputs normalised to unit RMS,
-        # every down_proj column for a random-weight 8B model (its SwiGLU product is heavy-tailed; measured on
-        # CPU, 99.9% of columns at 2048 tokens), which is the 8B bench cells' gap in docs/memory.md.
-        notes.append(f"bnb 8-bit: input columns over LLM.int8's outlier threshold are kept a second time, not "
-                     f"counted: at most {s.layers * c * N * inter / GIB:.2f} GiB if every down_proj column has "
-                     "one (random-weight checkpoints do; see docs/memory.md, Known limits)")
+        # LLM.int8 also keeps the input columns that exceed its outlier threshold as a second copy (subA, in the
+        # input's dtype), checkpointed or not. Inputs normalised to unit RMS have almost none; down_proj's, the
+        # SwiGLU product, is heavy-tailed: a random-weight 8B checkpoint has a value over 6.0 in every column.
+        outliers = x.int8_outlier_share * c * N * inter
+        full += outliers
+        checkpointed += outliers
+        notes.append(f"bnb 8-bit: down_proj input columns over LLM.int8's outlier threshold are kept twice, "
+                     f"assumed {x.int8_outlier_share:.0%} of them ({s.layers * outliers / GIB:.2f} GiB over "
+                     f"{s.layers} layers); a checkpoint with one in every column (random weights) needs "
+                     f"{s.layers * c * N * inter / GIB:.2f} GiB (docs/memory.md, Known limits)")
     if mask:
         notes.append("packed rows assumed to hold several examples: SDPA gets a block-diagonal mask "
                      "(batch x seq^2) and k/v repeated to every head")

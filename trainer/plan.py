@@ -18,6 +18,7 @@ from trainer import families
 from trainer.adapters import peft_spec
 from trainer.data.spec import data_spec
 from trainer.env import accelerators
+from trainer.errors import UserError
 from trainer.layout import nproc_per_node, resolve_compute_dtype, world_size
 from trainer.memory import predict
 from trainer.preemption import signal_name
@@ -59,6 +60,10 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
     bf16 = True if slurm else acc.bf16
     dtype = resolve_compute_dtype(cfg, gpus, bf16)
     device = "cuda" if gpus > 0 else "cpu"
+    if cfg.train.offload_activations and device == "cpu":
+        raise UserError("train.offload_activations=true moves checkpointed layer inputs from GPU memory to host "
+                        "memory, and this run trains on CPU, where they already are; set "
+                        "train.offload_activations=false (or run on a GPU machine).")
     run_dir = os.path.abspath(os.path.expanduser(run_dir or cfg.run_dir or default_run_dir(cfg)))
     size = world_size(cfg, gpus)
     model = _model_spec(cfg, dtype, device)

@@ -40,6 +40,7 @@ def speed_spec(cfg: Any, checkpoint_layers: Optional[int]) -> SpeedSpec:
         liger={None: "auto", True: "on", False: "off"}[cfg.model.liger],
         gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
         checkpoint_layers=checkpoint_layers,
+        offload_activations=bool(cfg.train.offload_activations),
         tokens_per_step=int(cfg.train.batch_size) * int(cfg.train.max_seq_len),
     )
 
@@ -133,10 +134,28 @@ def is_norm(name: str, module: Any) -> bool:
 
 
 def callbacks(speed: SpeedSpec) -> List[Any]:
-    """Trainer callbacks the speed settings need (partial checkpointing)."""
+    """Trainer callbacks the speed settings need (partial checkpointing, then offloading what it keeps)."""
+    found: List[Any] = []
     if speed.gradient_checkpointing and speed.checkpoint_layers is not None:
-        return [_partial_checkpointing(speed.checkpoint_layers)]
-    return []
+        found.append(_partial_checkpointing(speed.checkpoint_layers))
+    if speed.gradient_checkpointing and speed.offload_activations:
+        found.append(_offload_activations())
+    return found
+
+
+def _offload_activations() -> Any:
+    from transformers import TrainerCallback
+
+    class OffloadActivations(TrainerCallback):
+        """Checkpointed layers keep their input in pinned host memory (trainer/offload.py)."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            from trainer.offload import offload_checkpointed_layers
+
+            wrapped = offload_checkpointed_layers(model)
+            log.info("activation offload: the inputs of %d checkpointed decoder layers go to host memory", wrapped)
+
+    return OffloadActivations()
 
 
 def _partial_checkpointing(keep: int) -> Any:

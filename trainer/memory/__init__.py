@@ -143,6 +143,7 @@ class Inputs:
     # keeps a second time for backward. A property of the weights and data, not of the config: the default is a
     # pretrained model's (INT8_OUTLIER_SHARE); bench/memory_bench.py passes what it measured on its checkpoint.
     int8_outlier_share: float = INT8_OUTLIER_SHARE
+    offload_activations: bool = False  # train.offload_activations: checkpointed layer inputs in host memory
 
 
 def _value(x: Any) -> Any:
@@ -222,6 +223,7 @@ def inputs_from_cfg(cfg: Any, device: Optional[str] = None, packed_rows: Optiona
         upcast_layernorm=bool(model.upcast_layernorm), attn=str(model.attn_implementation), optim=str(train.optim),
         device_map_auto=model.device_map is not None,
         target_gib=target, target_source=target_source,
+        offload_activations=bool(train.offload_activations) and device == "cuda",
     )
 
 
@@ -867,14 +869,25 @@ def _activations(x: Inputs, checkpointed: int) -> _Activations:
     full, ckpt, shared, notes = layer_tensors(x, N, batch, seq)
     plain = L - checkpointed
     mask = x.packing and x.packed_rows and x.attn in ("sdpa", "eager")
-    kept = [Term(f"checkpointed layer inputs ({checkpointed} of {L} layers)", checkpointed * ckpt),
+    held = checkpointed * ckpt
+    held_name = f"checkpointed layer inputs ({checkpointed} of {L} layers)"
+    if x.offload_activations and checkpointed:
+        # trainer/offload.py: each input goes to pinned host memory as the forward pass makes it and comes back
+        # one layer ahead in backward, so two are on the GPU at a time. What bnb 8-bit holds on its autograd
+        # ctx (layer_tensors) is not a saved tensor and stays.
+        moved = c * N * H
+        held = checkpointed * (ckpt - moved) + min(checkpointed, 2) * moved
+        held_name += ", offloaded: 2 on the GPU at a time"
+        notes.append(f"activation offload: {checkpointed * moved / GIB:.2f} GiB of layer inputs per GPU in pinned "
+                     "host memory")
+    kept = [Term(held_name, held),
             Term(f"activations of un-checkpointed layers ({plain} x {full / GIB:.3f} GiB)", plain * full)]
     # The backward pass at its worst: the last layer's backward with every layer's activations still held,
     # or the recompute of the last checkpointed layer (the un-checkpointed layers are done by then).
-    last = checkpointed * ckpt + plain * full if plain else 0.0
-    recompute = checkpointed * ckpt + full - shared if checkpointed else 0.0
+    last = held + plain * full if plain else 0.0
+    recompute = held + full - shared if checkpointed else 0.0
     if recompute > last:
-        kept_bwd = [Term(f"checkpointed layer inputs ({checkpointed} of {L} layers)", checkpointed * ckpt),
+        kept_bwd = [Term(held_name, held),
                     Term("a checkpointed layer recomputed for its backward", full - shared)]
     else:
         kept_bwd = list(kept)
@@ -959,6 +972,8 @@ def _moves(x: Inputs, p: Prediction) -> List[Fix]:
     if x.do_train and (not x.gradient_checkpointing or p.checkpointed < s.layers):
         moves.append(Fix("ckpt", "checkpoint all layers (train.checkpoint_layers=null)",
                          r(x, gradient_checkpointing=True, checkpoint_layers=None)))
+    # train.offload_activations is not offered: what it saves on the GPU it needs in host memory on every rank,
+    # which the plan cannot see (a login node plans for the compute nodes).
     if x.do_train and x.batch > 1:
         half = max(x.batch // 2, 1)
         accum = x.grad_accum * x.batch // half

@@ -97,3 +97,35 @@ def first_batch(plan: Any) -> Any:
                             "shape": list(ids.shape)}))
 
     return FirstBatch()
+
+
+def step_times(plan: Any) -> Any:
+    """Each rank writes the wall time of every optimizer step (the GPU synchronised at both ends)."""
+    import time
+
+    from transformers import TrainerCallback
+
+    def sync() -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    class StepTimes(TrainerCallback):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.started = 0.0
+            self.seconds: list = []
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            sync()
+            self.started = time.monotonic()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            sync()
+            self.seconds.append(time.monotonic() - self.started)
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            (Path(plan.run_dir) / f"step_times-{_rank()}.json").write_text(
+                json.dumps({"rank": _rank(), "seconds": self.seconds}))
+
+    return StepTimes()

@@ -138,6 +138,19 @@ def _tokenizer_vocab() -> int:
     return len(ids)
 
 
+def model_config(cfg: Any) -> Optional[Dict[str, Any]]:
+    """The config.json of model.name_or_path where this machine can read it (a local dir, or a hub id in the local
+    Hugging Face cache); None otherwise (the embedded tiny model, a path elsewhere)."""
+    source = cfg.model.name_or_path
+    if source is None:
+        return None
+    local = Path(os.path.expanduser(str(source)))
+    if (local / "config.json").is_file():
+        return _config_at(local / "config.json")
+    cached = _hub_cache_config(str(source)) if str(source).count("/") == 1 and not local.exists() else None
+    return _config_at(cached) if cached is not None else None
+
+
 def find_shape(cfg: Any) -> Tuple[Optional[ModelShape], str]:
     """The model's shape and where it came from; (None, why) when no config.json can be read here."""
     model = cfg.model

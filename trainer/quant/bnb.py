@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from trainer.quant.base import Backend, Requirement
 from trainer.rules import error, method, warning
@@ -16,6 +16,57 @@ def _is_bnb(cfg: Any, bits: int) -> bool:
     return method(cfg) == "bnb" and cfg.quant.bits == bits
 
 
+def saved_quantization(cfg: Any) -> Optional[Dict[str, Any]]:
+    """The quantization_config of a checkpoint that is already quantized (config.json readable here), else None."""
+    from trainer.memory.shapes import model_config
+
+    config = model_config(cfg)
+    quant = config.get("quantization_config") if config else None
+    return quant if isinstance(quant, dict) and quant else None
+
+
+def _saved_bits(quant: Dict[str, Any]) -> Optional[int]:
+    if quant.get("load_in_4bit") or quant.get("_load_in_4bit"):
+        return 4
+    if quant.get("load_in_8bit") or quant.get("_load_in_8bit"):
+        return 8
+    return None
+
+
+def _prequantized_mismatch(cfg: Any) -> Optional[Dict[str, str]]:
+    """What a pre-quantized bitsandbytes checkpoint has that the composition does not ask for (None: nothing)."""
+    if method(cfg) != "bnb":
+        return None
+    quant = saved_quantization(cfg)
+    if quant is None:
+        return None
+    found = str(quant.get("quant_method", "")).lower()
+    if found != "bitsandbytes":
+        return {"what": f"already quantized with {found or 'an unknown method'}",
+                "fix": f"use quant={found} for it" if found in ("gptq", "awq", "aqlm", "eetq", "fp8", "mxfp4", "hqq")
+                else "point model.name_or_path at its 16-bit original"}
+    bits = _saved_bits(quant)
+    if bits is not None and bits != cfg.quant.bits:
+        return {"what": f"a pre-quantized bitsandbytes {bits}-bit checkpoint, not {cfg.quant.bits}-bit",
+                "fix": f"use quant=bnb{bits}, or point model.name_or_path at its 16-bit original"}
+    if bits == 4:
+        saved = {"quant.quant_type": str(quant.get("bnb_4bit_quant_type", "fp4")),
+                 "quant.double_quant": bool(quant.get("bnb_4bit_use_double_quant", False))}
+        asked = {"quant.quant_type": cfg.quant.quant_type.value, "quant.double_quant": bool(cfg.quant.double_quant)}
+        differ = [k for k in saved if saved[k] != asked[k]]
+        if differ:
+            return {"what": "saved with " + ", ".join(f"{k}={str(saved[k]).lower()}" for k in differ),
+                    "fix": "set " + " ".join(f"{k}={str(saved[k]).lower()}" for k in differ)
+                           + " (a quantized checkpoint keeps its own settings)"}
+        storage = str(quant.get("bnb_4bit_quant_storage", "uint8"))
+        if shards_weights(cfg) and storage not in ("bfloat16", "float16", "float32"):
+            return {"what": f"stored as {storage}, which strategy={cfg.strategy.name.value} cannot shard (FSDP and "
+                            "ZeRO-3 shard 4-bit weights stored as the compute dtype)",
+                    "fix": "use strategy=ddp (or single/zero2), or the 16-bit original, which qforge quantizes "
+                           "in a shardable layout while loading"}
+    return None
+
+
 def _four_bit_knobs(cfg: Any) -> List[str]:
     quant = cfg.quant
     return [k for k, v, default in (("quant.quant_type", quant.quant_type.value, "nf4"),
@@ -23,6 +74,14 @@ def _four_bit_knobs(cfg: Any) -> List[str]:
 
 
 RULES = [
+    error(
+        "bnb.prequantized_checkpoint",
+        ["quant", "model", "strategy"],
+        lambda cfg: _prequantized_mismatch(cfg) is not None,
+        "quant=bnb{cfg.quant.bits} loads {cfg.model.name_or_path} as it was saved, and it is {what}.",
+        "{fix}.",
+        details=lambda cfg: _prequantized_mismatch(cfg) or {},
+    ),
     error(
         "bnb.8bit_not_sharded",
         ["quant", "strategy"],
@@ -94,13 +153,26 @@ def from_pretrained(path: str, bnb_kwargs: Dict[str, Any], model_kwargs: Dict[st
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from trainer.quant.prequantized import checkpoint_quantization
+
     kwargs = dict(bnb_kwargs)
     for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
         if isinstance(kwargs.get(key), str):
             kwargs[key] = getattr(torch, kwargs[key])
-    model = AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=BitsAndBytesConfig(**kwargs), **model_kwargs
-    )
+    if (checkpoint_quantization(path) or {}).get("quant_method") == "bitsandbytes":
+        # Saved quantized (e.g. a "-bnb-4bit" checkpoint): transformers loads it with its own settings and would
+        # ignore ours with a warning; the validator checked they agree (bnb.prequantized_checkpoint). Only the
+        # compute dtype is the run's.
+        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+        compute = kwargs.get("bnb_4bit_compute_dtype")
+        if compute is not None:
+            for module in model.modules():
+                if hasattr(module, "compute_dtype") and type(module).__name__ == "Linear4bit":
+                    module.compute_dtype = compute
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=BitsAndBytesConfig(**kwargs), **model_kwargs
+        )
     keep_training_layout(model)
     return model
 

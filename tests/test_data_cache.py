@@ -117,6 +117,30 @@ def test_other_ranks_wait_for_rank_0_and_share_its_failure(tmp_path: Path, monke
     failing.join()
 
 
+def test_a_rank_that_never_sees_rank_0_work_stops_with_the_cause(tmp_path: Path, monkeypatch) -> None:
+    """Rank 0 on another node writing a cache dir this node does not see: a clear error, not a wait forever; a
+    rank that has seen rank 0's scratch dir keeps waiting however long tokenizing takes."""
+    monkeypatch.setattr(cache, "VISIBLE_WITHIN_SECONDS", 1.0)
+    spec = {"cache_dir": str(tmp_path / "not-shared")}
+    started = time.monotonic()
+    with pytest.raises(UserError, match="data.cache_dir to a path on a filesystem every node sees"):
+        cache.build_once(spec, "k3", lambda s: pytest.fail("rank 1 must not build"), 1, 2)
+    assert time.monotonic() - started < 30
+
+    def slow_build(scratch: Path) -> dict:
+        time.sleep(2.5)  # longer than the visibility limit: rank 1 saw the scratch dir, so it waits
+        (scratch / "payload").write_text("y")
+        return {}
+
+    shared = {"cache_dir": str(tmp_path / "shared")}
+    rank0 = threading.Thread(target=cache.build_once, args=(shared, "k4", slow_build, 0, 2))
+    rank0.start()
+    time.sleep(0.3)  # rank 0 has made its scratch dir
+    path = cache.build_once(shared, "k4", lambda s: pytest.fail("rank 1 must not build"), 1, 2)
+    rank0.join()
+    assert (path / "payload").read_text() == "y"
+
+
 def test_worker_processes_tokenize_exactly_what_one_process_does(tmp_path: Path, tok) -> None:
     one = prepare(spec_for(tmp_path / "one"), tok)
     two = prepare(spec_for(tmp_path / "two", "data.num_proc=2"), tok)

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 META = "meta.json"
 POLL_SECONDS = 0.5
+# A waiting rank that sees neither rank 0's scratch dir nor the finished entry this long is on a filesystem rank 0
+# does not write to (data.cache_dir not shared between nodes); without a limit it would wait forever.
+VISIBLE_WITHIN_SECONDS = 600.0
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -112,7 +115,13 @@ def _build(target: Path, key: str, build: Callable[[Path], Dict[str, Any]], tell
 def _wait(target: Path, key: str) -> None:
     note = _failure_note(target.parent, key)
     waited, said = 0.0, 0.0
+    rank_0_seen = False
     while not is_complete(target):
+        rank_0_seen = rank_0_seen or any(target.parent.glob(f".building-{key}-*"))
+        if not rank_0_seen and waited >= VISIBLE_WITHIN_SECONDS:
+            raise UserError(f"this rank (host {socket.gethostname()}) waited {waited:.0f} s and saw no sign of rank 0 "
+                            f"tokenizing into {target}: that directory is not shared with rank 0's node; set "
+                            "data.cache_dir to a path on a filesystem every node sees.")
         if note.is_file():
             try:
                 failure = json.loads(note.read_text())

@@ -55,5 +55,9 @@ def test_the_saved_checkpoint_trains_as_saved(prequantized: Path, output_root: P
                      "do_eval=false", f"output_root={output_root}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already has a `quantization_config`" not in result.stderr  # ours was not passed to be ignored
-    metrics = json.loads((only_run_dir(output_root) / "metrics.json").read_text())
+    run_dir = only_run_dir(output_root)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["train_loss"] > 0
+    # the plan decided it: loaded as saved, at the run's compute dtype
+    plan = json.loads((run_dir / ".hydra" / "plan.json").read_text())
+    assert plan["quant"]["load_kwargs"] == {"saved_quantized": True, "bnb_4bit_compute_dtype": plan["compute_dtype"]}

@@ -133,6 +133,11 @@ def quantization_kwargs(cfg: Any, device: str, compute_dtype: str) -> Dict[str, 
     float dtype, and a packed uint8 weight beside bf16 ones fails ("Cannot flatten integer dtype
     tensors") or, under FSDP2, trains silently with loss 0 / NaN grad norm. It is never a user knob.
     """
+    saved = saved_quantization(cfg)
+    if saved is not None and str(saved.get("quant_method", "")).lower() == "bitsandbytes":
+        # Saved quantized (e.g. a "-bnb-4bit" checkpoint): it loads with its own settings, which the rule
+        # bnb.prequantized_checkpoint checked against the composition; only the compute dtype is the run's.
+        return {"saved_quantized": True, **({"bnb_4bit_compute_dtype": compute_dtype} if cfg.quant.bits == 4 else {})}
     if cfg.quant.bits == 8:
         return {"load_in_8bit": True}
     return {
@@ -153,16 +158,13 @@ def from_pretrained(path: str, bnb_kwargs: Dict[str, Any], model_kwargs: Dict[st
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from trainer.quant.prequantized import checkpoint_quantization
-
     kwargs = dict(bnb_kwargs)
     for key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
         if isinstance(kwargs.get(key), str):
             kwargs[key] = getattr(torch, kwargs[key])
-    if (checkpoint_quantization(path) or {}).get("quant_method") == "bitsandbytes":
-        # Saved quantized (e.g. a "-bnb-4bit" checkpoint): transformers loads it with its own settings and would
-        # ignore ours with a warning; the validator checked they agree (bnb.prequantized_checkpoint). Only the
-        # compute dtype is the run's.
+    if kwargs.pop("saved_quantized", False):
+        # The plan found the checkpoint saved quantized: transformers loads it with its own settings (it would
+        # ignore a BitsAndBytesConfig with a warning).
         model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
         compute = kwargs.get("bnb_4bit_compute_dtype")
         if compute is not None:

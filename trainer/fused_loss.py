@@ -13,9 +13,8 @@ the sum divided by `num_items_in_batch` when the Trainer passes it (else the mea
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from types import MethodType
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -88,45 +87,30 @@ def linear_cross_entropy(hidden: Any, weight: Any, labels: Any, num_items_in_bat
         denominator = torch.as_tensor(num_items_in_batch, device=hidden.device).float()
     if _FUNCTION is None:
         _FUNCTION = _autograd_function()
-    with _whole(weight) as whole:
-        if use_liger:
-            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    whole = _whole(weight)
+    if use_liger:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-            total = liger_fused_linear_cross_entropy(hidden, whole, targets, ignore_index=IGNORE_INDEX,
-                                                     reduction="sum")
-            return total / denominator
-        return _FUNCTION.apply(hidden, whole, targets, denominator)
+        total = liger_fused_linear_cross_entropy(hidden, whole, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return total / denominator
+    return _FUNCTION.apply(hidden, whole, targets, denominator)
 
 
-@contextmanager
-def _whole(weight: Any) -> Iterator[Any]:
+def _whole(weight: Any) -> Any:
     """lm_head.weight as one local tensor while the loss reads it.
 
     The stock head gathers a sharded weight in its own forward, which the chunked loss skips. Under FSDP2 (torch
     2.11) the weight is still a sharded DTensor here, so it is gathered (full_tensor). Under ZeRO-3 (DeepSpeed
-    0.19) reading `self.lm_head.weight` inside the model's forward already gathered it (DeepSpeed fetches a
-    partitioned parameter read from another module's forward and frees it after that forward), so it is used as
-    it is; only a read outside any forward would find an empty partition and gather it here. The head is frozen,
-    so no gradient flows back through a gather, and the loss keeps no reference to it for backward (the
-    hidden-state gradient is computed in the forward pass).
+    0.19) nothing is needed: reading `self.lm_head.weight` inside the model's forward already gathered it
+    (DeepSpeed fetches a partitioned parameter read from another module's forward and frees it after that
+    forward). The head is frozen, so no gradient flows back through the gather, and the loss keeps no reference
+    to it for backward (the hidden-state gradient is computed in the forward pass).
     """
-    if hasattr(weight, "ds_status"):  # a ZeRO-3 partitioned parameter
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-
-        if weight.ds_status == ZeroParamStatus.AVAILABLE:
-            yield weight
-            return
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
-            yield weight
-        return
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed
-        yield weight
-        return
-    yield weight.full_tensor() if isinstance(weight, DTensor) else weight
+        return weight
+    return weight.full_tensor() if isinstance(weight, DTensor) else weight
 
 
 def fusable(model: Any) -> bool:

@@ -138,17 +138,27 @@ def _tokenizer_vocab() -> int:
     return len(ids)
 
 
-def model_config(cfg: Any) -> Optional[Dict[str, Any]]:
-    """The config.json of model.name_or_path where this machine can read it (a local dir, or a hub id in the local
-    Hugging Face cache); None otherwise (the embedded tiny model, a path elsewhere)."""
-    source = cfg.model.name_or_path
-    if source is None:
-        return None
-    local = Path(os.path.expanduser(str(source)))
+def _readable_config(source: str) -> Tuple[Optional[Dict[str, Any]], str]:
+    """The config.json of `source` where this machine can read it (a local dir, or a hub id in the local Hugging
+    Face cache), and where it was found; (None, "") otherwise."""
+    local = Path(os.path.expanduser(source))
     if (local / "config.json").is_file():
-        return _config_at(local / "config.json")
-    cached = _hub_cache_config(str(source)) if str(source).count("/") == 1 and not local.exists() else None
-    return _config_at(cached) if cached is not None else None
+        config = _config_at(local / "config.json")
+        if config is not None:
+            return config, f"config.json in {source}"
+    cached = _hub_cache_config(source) if source.count("/") == 1 and not local.exists() else None
+    if cached is not None:
+        config = _config_at(cached)
+        if config is not None:
+            return config, f"{source}'s config.json in the local Hugging Face cache"
+    return None, ""
+
+
+def model_config(cfg: Any) -> Optional[Dict[str, Any]]:
+    """model.name_or_path's config.json where this machine can read it; None otherwise (the tiny model, a path
+    elsewhere)."""
+    source = cfg.model.name_or_path
+    return None if source is None else _readable_config(str(source))[0]
 
 
 def find_shape(cfg: Any) -> Tuple[Optional[ModelShape], str]:
@@ -165,16 +175,9 @@ def find_shape(cfg: Any) -> Tuple[Optional[ModelShape], str]:
                   "vocab_size": _tokenizer_vocab(), "tie_word_embeddings": False}
         return shape_from_config(config), "the embedded tiny model (model.tiny)"
     source = str(source)
-    local = Path(os.path.expanduser(source))
-    if (local / "config.json").is_file():
-        config = _config_at(local / "config.json")
-        if config is not None:
-            return _checked(config, f"config.json in {source}")
-    cached = _hub_cache_config(source) if source.count("/") == 1 and not local.exists() else None
-    if cached is not None:
-        config = _config_at(cached)
-        if config is not None:
-            return _checked(config, f"{source}'s config.json in the local Hugging Face cache")
+    config, where = _readable_config(source)
+    if config is not None:
+        return _checked(config, where)
     preset = PRESET_CONFIGS / f"{model.preset}.json"
     if preset.is_file():
         config = _config_at(preset)

@@ -379,7 +379,9 @@ class _Int8Outliers:
         self.shares: List[float] = []
         self.handles = []
         for name, module in model.named_modules():
-            if type(module).__name__ == "Linear8bitLt" and ".down_proj" in name:
+            # bitsandbytes' own layer (peft's LoRA wrapper has the same class name and the same input)
+            if type(module).__name__ == "Linear8bitLt" and type(module).__module__.startswith("bitsandbytes") \
+                    and ".down_proj" in name:
                 self.handles.append(module.register_forward_pre_hook(self._record))
 
     def _record(self, module: Any, args: tuple) -> None:

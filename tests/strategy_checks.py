@@ -55,6 +55,7 @@ def reload_logits(run_dir: Path) -> Any:
 # ---- running 2-process jobs (real torchrun, gloo), each at most once per pytest process ----
 
 import os  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -75,6 +76,19 @@ def overrides(strategy: str, quant: str, run_dir: Path, save_steps: int = SAVE_S
             f"train.fused_lora={'null' if strategy.startswith('zero3') else 'true'}", f"run_dir={run_dir}",
             # Observed from outside (tests/probes.py): the trained logits, each rank's parameters and imports.
             "train.callbacks=[tests.probes:fixed_logits,tests.probes:rank_params,tests.probes:rank_imports]"]
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """Like a node failure: the launcher, torchrun's agent and every rank die at once, no cleanup (torchrun's
+    workers leave the launcher's process group, so killing the group would miss them)."""
+    import psutil
+
+    for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        try:
+            os.kill(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
 
 
 def command(strategy: str, quant: str, run_dir: Path, save_steps: int = SAVE_STEPS,

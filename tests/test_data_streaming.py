@@ -4,18 +4,15 @@ run resumes from the right sample: after the resume point its losses are the uni
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from transformers import AutoTokenizer
 
-from tests.strategy_checks import REPO
+from tests.strategy_checks import REPO, kill_tree
 from trainer import checkpoints
 from trainer.compose import compose
 from trainer.data.prepare import training_data
@@ -79,13 +76,7 @@ def test_a_killed_streaming_run_resumes_from_the_right_sample(tmp_path: Path, ra
     while not marker.exists():
         assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint-2 before the run ended"
         time.sleep(0.1)
-    # The launcher, torchrun's agent and every rank die at once (torchrun's workers leave the process group).
-    for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-        try:
-            os.kill(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
+    kill_tree(proc)
     assert not (killed / "metrics.json").exists(), "the run finished before the kill landed"
     resumed_from = max(checkpoints.step_of(p) for p in (killed / "checkpoints").glob("checkpoint-*")
                        if (p / checkpoints.COMPLETE_MARKER).exists())

@@ -6,18 +6,16 @@ completeness: which checkpoint a run resumes from, and rotation."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import cpu_paths
-from tests.strategy_checks import REPO, STEPS, command, finished_run, metrics
+from tests.strategy_checks import REPO, STEPS, command, finished_run, kill_tree, metrics
 from trainer import checkpoints
 from trainer.errors import UserError
 
@@ -36,14 +34,7 @@ def _kill_after_first_checkpoint(cmd: list, run_dir: Path, env: dict) -> None:
         assert proc.poll() is None, "the run ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint within 300 s"
         time.sleep(0.2)
-    # Like a node failure: the parent, torchrun's agent and both ranks die at once, no cleanup.
-    family = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    for p in family:
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
+    kill_tree(proc)
     assert not (run_dir / "metrics.json").exists(), "the run finished before the kill landed"
 
 

@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# On the lent GPU machine (carry [".whl"]):  bash bench/device.sh <bench.run arguments>
+# On the lent GPU machine (carry [".whl"], and ".whl-unsloth" for --sides ...,unsloth):
+#     bash bench/device.sh <bench.run arguments>
 # Installs the carried wheels, pins one GPU, says which attention/kernel packages exist, runs the bench.
 source tests/gpu/install_on_device.sh || exit 1
 export CUDA_VISIBLE_DEVICES="${CUDA_VISIBLE_DEVICES:-0}" TOKENIZERS_PARALLELISM=false
@@ -17,4 +18,10 @@ try:
 except Exception as err:  # report and go on: the bench falls back to torch kernels
     print("probe: liger import failed:", err)
 PY
+# unsloth's packages (carried as .whl-unsloth, tests/gpu/fetch_unsloth_wheels.sh) go into a folder of their own
+# that bench/run.py puts on the unsloth side's path alone.
+if ls .whl-unsloth/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-unsloth \
+      .whl-unsloth/*.whl && export QFORGE_BENCH_UNSLOTH_SITE=/tmp/site-unsloth
+fi
 python3 -m bench.run --out "${OUT:-bench-out}" "$@"

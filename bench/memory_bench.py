@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from bench.side import free_memory
+
 REPO = Path(__file__).resolve().parent.parent
 GIB = 2**30
 QUANT = {
@@ -195,7 +197,7 @@ def worker(job_path: Path) -> int:
         if not (Path(jobs[0]["checkpoint"]) / "config.json").exists():
             built = time.monotonic()
             build_checkpoint(shape, Path(spec["workdir"]))
-            _free()
+            free_memory()
             print(f"memory_bench: checkpoint {shape} built in {time.monotonic() - built:.0f}s", flush=True)
         # peft's forward first: the fused branch leaves recompute hooks on the base model's norms and MLPs.
         jobs.sort(key=lambda j: j["cell"]["fused"])
@@ -238,7 +240,7 @@ def _run_group(jobs: List[Dict[str, Any]], spec: Dict[str, Any], out: Path, cont
             _append(out, {"cell": Cell(**job["cell"]).name, **job["cell"],
                           "status": f"error loading {first.group}: {type(err).__name__}: {str(err)[:300]}"})
         print(f"memory_bench: {first.group} failed to load: {err}", flush=True)
-        _free()
+        free_memory()
         return
     load_s = time.monotonic() - started
     base_allocated = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
@@ -259,7 +261,7 @@ def _run_group(jobs: List[Dict[str, Any]], spec: Dict[str, Any], out: Path, cont
         _append(out, row)
         print(f"memory_bench: {cell.name}: {_summary(row)}", flush=True)
     del model
-    _free()
+    free_memory()
 
 
 def _run_cell(model: Any, tokenizer: Any, cell: Cell, job: Dict[str, Any], spec: Dict[str, Any],
@@ -460,16 +462,8 @@ def _unload(adapted: Any, base: Any) -> Any:
         base = adapted.unload()
     if getattr(base, "is_gradient_checkpointing", False):
         base.gradient_checkpointing_disable()
-    _free()
+    free_memory()
     return base
-
-
-def _free() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _commit() -> str:

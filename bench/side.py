@@ -201,9 +201,9 @@ def run_baseline(job: Dict[str, Any]) -> List[Dict[str, Any]]:
                           callbacks=[meter.callback()])
         trainer.train()
         results.append({"side": "baseline", "item": item["name"], "variant": "HF Trainer + peft",
-                        **meter.summary(), "first_loss": _first_loss(trainer)})
+                        **meter.summary(), **losses_of(trainer.state.log_history)})
         del trainer
-        _free()
+        free_memory()
     return results
 
 
@@ -227,18 +227,20 @@ def run_qforge(job: Dict[str, Any]) -> List[Dict[str, Any]]:
             meter = Meter(tokenizer.pad_token_id, collator([probe_set[i] for i in range(len(probe_set))]),
                           job["warmup"])
             metrics = qforge_run.train(plan, extra_callbacks=[meter.callback()])
-            first = next((h["loss"] for h in metrics.get("log_history", []) if "loss" in h), float("nan"))
             results.append({"side": "qforge", "item": item["name"], "variant": variant["name"],
-                            "overrides": variant["overrides"], **meter.summary(), "first_loss": first})
-            _free()
+                            "overrides": variant["overrides"], **meter.summary(),
+                            **losses_of(metrics.get("log_history", []))})
+            free_memory()
     return results
 
 
-def _first_loss(trainer: Any) -> float:
-    return next((h["loss"] for h in trainer.state.log_history if "loss" in h), float("nan"))
+def losses_of(log_history: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The training loss of every logged step (logging_steps=1) and the first one, from a Trainer's log history."""
+    losses = [float(h["loss"]) for h in log_history if "loss" in h]
+    return {"first_loss": losses[0] if losses else float("nan"), "losses": losses}
 
 
-def _free() -> None:
+def free_memory() -> None:
     import torch
 
     gc.collect()
@@ -248,10 +250,15 @@ def _free() -> None:
 
 def main() -> None:
     job = json.loads(open(sys.argv[1]).read())
-    from trainer.log import configure_logging
+    if job["side"] == "unsloth":
+        from bench.unsloth_side import run_unsloth
 
-    configure_logging()
-    results = run_baseline(job) if job["side"] == "baseline" else run_qforge(job)
+        results = run_unsloth(job)  # imports unsloth before transformers: no qforge import before this line
+    else:
+        from trainer.log import configure_logging
+
+        configure_logging()
+        results = run_baseline(job) if job["side"] == "baseline" else run_qforge(job)
     with open(job["out"], "w") as out:
         json.dump(results, out, indent=1)
 

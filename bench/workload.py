@@ -27,7 +27,10 @@ SHAPES: Dict[str, Dict[str, int]] = {
 
 
 def build_checkpoint(shape: str, root: Path) -> Path:
-    """Random bf16 weights built directly on the GPU (CPU for tiny), saved once per shape under root."""
+    """Random bf16 weights built directly on the GPU (CPU for tiny), saved once per shape under root.
+
+    max_position_embeddings covers the longest item (L, 16384 tokens): unsloth rescales RoPE past it.
+    """
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -35,7 +38,7 @@ def build_checkpoint(shape: str, root: Path) -> Path:
     if (target / "config.json").exists():
         return target
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=8192, rope_theta=500000.0,
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=16384, rope_theta=500000.0,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -30,7 +30,7 @@ def settings(item: Dict[str, Any]) -> Dict[str, Any]:
         "peft": "get_peft_model(r=16, lora_alpha=32, lora_dropout=0, all linear layers, bias='none', "
                 "use_gradient_checkpointing='unsloth')",
         "trainer": f"trl.SFTTrainer(packing={item['kind'] == 'variable'}), optim={OPTIMIZER}, lr 2e-4 linear, "
-                   "no warm-up",
+                   "no warm-up, gradient_accumulation_steps=1",
     }
 
 
@@ -86,7 +86,10 @@ def run_unsloth(job: Dict[str, Any]) -> List[Dict[str, Any]]:
         meter = Meter(tokenizer.pad_token_id, None, job["warmup"])
         meter.probe_loss = loss
         config = SFTConfig(
+            # gradient_accumulation_steps: TRL/unsloth defaulted to 2 at commit 4019192 (twice the other sides'
+            # tokens per optimizer step); 1 like the others, so a step is the same work on every side.
             output_dir=tempfile.mkdtemp(dir=job["workdir"]), per_device_train_batch_size=item["batch"],
+            gradient_accumulation_steps=1,
             max_length=item["max_len"], packing=item["kind"] == "variable", bf16=cuda, use_cpu=not cuda,
             learning_rate=2e-4,
             lr_scheduler_type="linear", warmup_steps=0, optim=OPTIMIZER, max_steps=job["warmup"] + job["steps"],

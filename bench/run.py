@@ -54,6 +54,15 @@ LADDER = [
     ("+ packing", ["model.upcast_layernorm=false"]),
 ]
 LOSS_TOLERANCE = 0.02  # relative: bf16 has 8 bits of mantissa; fp32-upcast head vs bf16 head
+TRAJECTORY_STEPS = 30  # --trajectory: logged steps per row (3 of them warm-up for the timing)
+
+
+def trajectory_deviation(row: Dict[str, Any], base: Dict[str, Any]) -> float | None:
+    """The largest relative gap between a row's training loss and the baseline's at the same step."""
+    pairs = list(zip(row.get("losses", []), base.get("losses", []), strict=False))
+    if not pairs:
+        return None
+    return max(abs(ours - theirs) / abs(theirs) for ours, theirs in pairs)
 
 
 def item_data(name: str, spec: Dict[str, Any], workdir: Path) -> Path:
@@ -129,24 +138,27 @@ def table(results: List[Dict[str, Any]], device: str) -> str:
     """Every row against the item's baseline and (where the side ran) unsloth: tokens/s and peak memory ratios."""
     lines = [f"GPU: {device}", "",
              "| item | side | tokens/s | step s | tokens/step | peak GiB | x tokens/s | x peak mem | "
-             "x unsloth tokens/s | x unsloth peak | fixed-batch loss | loss vs base |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "x unsloth tokens/s | x unsloth peak | fixed-batch loss | loss vs base | steps | max step loss gap |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
     for item in dict.fromkeys(r["item"] for r in results):
         rows = [r for r in results if r["item"] == item]
         base = next((r for r in rows if r["side"] == "baseline"), None)
         fast = next((r for r in rows if r["side"] == "unsloth"), None)
         for r in rows:
-            check = "-"
+            check = gap = "-"
             if base is not None and r is not base:
                 rel = abs(r["probe_loss"] - base["probe_loss"]) / abs(base["probe_loss"])
                 check = f"{'ok' if rel <= LOSS_TOLERANCE else 'DIFFERS'} ({rel:.1e})"
+                deviation = trajectory_deviation(r, base)
+                gap = "-" if deviation is None else f"{deviation:.2%}"
             label = SIDE_LABELS[r["side"]] if r["side"] != "qforge" else f"qforge: {r['variant']}"
             if r["side"] == "unsloth":
                 label = r["variant"]
             lines.append(f"| {item} | {label} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | "
                          f"{r['tokens_per_step']:,.0f} | {r['peak_gib']:.2f} | {_ratio(r, base, 'tokens_per_s')} | "
                          f"{_ratio(r, base, 'peak_gib')} | {_ratio(r, fast, 'tokens_per_s')} | "
-                         f"{_ratio(r, fast, 'peak_gib')} | {r['probe_loss']:.4f} | {check} |")
+                         f"{_ratio(r, fast, 'peak_gib')} | {r['probe_loss']:.4f} | {check} | "
+                         f"{len(r.get('losses', []))} | {gap} |")
     settings = {r["variant"]: r["settings"] for r in results if r.get("settings")}
     for variant, spec in settings.items():
         lines += ["", f"{variant}: " + "; ".join(f"{k}: {v}" for k, v in spec.items())]
@@ -169,6 +181,9 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny shape, items ta,tb, few steps")
     parser.add_argument("--ladder", default="", help="ITEMS (or all): also run each speed change on its own")
     parser.add_argument("--variant", action="append", default=[], help="ITEMS:NAME:OVERRIDES (repeatable)")
+    parser.add_argument("--trajectory", action="store_true",
+                        help=f"{TRAJECTORY_STEPS} steps per row with LoRA dropout 0 on every side; qforge's training "
+                             f"loss must stay within {LOSS_TOLERANCE:.0%} of the baseline's at every step")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--workdir", default=None, help="checkpoints and data (default: /dev/shm or /tmp)")
@@ -179,6 +194,8 @@ def main(argv: List[str] | None = None) -> int:
     if args.tiny:
         args.items = "ta,tb" if args.items == parser.get_default("items") else args.items
         args.warmup, args.steps = 1, 2
+    if args.trajectory:
+        args.steps = TRAJECTORY_STEPS - args.warmup
     names = args.items.split(",")
     unknown = [n for n in names if n not in ITEMS]
     if unknown:
@@ -207,7 +224,7 @@ def main(argv: List[str] | None = None) -> int:
                           "batch": spec["batch"],
                           "variants": variants_for(name, args)})
         common = {"checkpoint": str(checkpoint), "items": items, "warmup": args.warmup, "steps": args.steps,
-                  "workdir": str(workdir)}
+                  "workdir": str(workdir), **({"dropout": 0.0} if args.trajectory else {})}
         for side in sides:
             results += run_side({**common, "side": side}, out / "logs", deadline)
             (out / "results.json").write_text(json.dumps(results, indent=1))
@@ -218,13 +235,19 @@ def main(argv: List[str] | None = None) -> int:
     if args.tiny or args.workdir is None and workdir.is_relative_to(tempfile.gettempdir()):
         shutil.rmtree(workdir / "runs", ignore_errors=True)
     # Only qforge's rows are held to the baseline's fixed-batch loss; unsloth's is reported, not ours to fix.
-    ok = bool(results) and all(r["side"] != "qforge" or _loss_ok(r, results) for r in results)
+    ok = bool(results) and all(r["side"] != "qforge" or _loss_ok(r, results, args.trajectory) for r in results)
     return 0 if ok else 1
 
 
-def _loss_ok(row: Dict[str, Any], results: List[Dict[str, Any]]) -> bool:
+def _loss_ok(row: Dict[str, Any], results: List[Dict[str, Any]], trajectory: bool = False) -> bool:
     base = next((r for r in results if r["item"] == row["item"] and r["side"] == "baseline"), None)
-    return base is not None and abs(row["probe_loss"] - base["probe_loss"]) <= LOSS_TOLERANCE * abs(base["probe_loss"])
+    if base is None or abs(row["probe_loss"] - base["probe_loss"]) > LOSS_TOLERANCE * abs(base["probe_loss"]):
+        return False
+    if not trajectory:
+        return True
+    deviation = trajectory_deviation(row, base)
+    steps = min(len(row.get("losses", [])), len(base.get("losses", [])))
+    return deviation is not None and steps == TRAJECTORY_STEPS and deviation <= LOSS_TOLERANCE
 
 
 def _default_workdir(tiny: bool) -> str:

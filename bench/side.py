@@ -20,13 +20,14 @@ import time
 from typing import Any, Dict, List, Optional
 
 IGNORE_INDEX = -100
+DROPOUT = 0.05  # LoRA dropout of the baseline and qforge sides unless the job says (--trajectory: 0)
 
 
 def qforge_overrides(job: Dict[str, Any], item: Dict[str, Any], extra: List[str]) -> List[str]:
     """The qforge run for a work item: same model, data, batch, sequence length and LoRA config."""
     return [
         "model=local", f"model.name_or_path={job['checkpoint']}", "quant=bnb4", "peft=lora", "peft.r=16",
-        "peft.alpha=32", "peft.dropout=0.05", "data=alpaca", f"data.path={item['data']}",
+        "peft.alpha=32", f"peft.dropout={job.get('dropout', DROPOUT)}", "data=alpaca", f"data.path={item['data']}",
         f"train.max_seq_len={item['max_len']}", f"train.batch_size={item['batch']}",
         f"train.max_steps={job['warmup'] + job['steps']}", "train.logging_steps=1", "train.save_steps=100000",
         "train.warmup_ratio=0", "do_eval=false", "logger=none", f"output_root={job['workdir']}/runs",
@@ -176,7 +177,8 @@ def run_baseline(job: Dict[str, Any]) -> List[Dict[str, Any]]:
                                                  dtype=compute, device_map={"": 0} if cuda else None)
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", bias="none",
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=job.get("dropout", DROPOUT), target_modules="all-linear",
+                      bias="none",
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     results = []
@@ -188,7 +190,9 @@ def run_baseline(job: Dict[str, Any]) -> List[Dict[str, Any]]:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, return_tensors="pt")
         # Every item's fixed-batch loss is taken before any training, on the freshly adapted model.
         data[item["name"]] = (rows, collator, tokenizer, probe_loss(model, collator(rows[: item["batch"]])))
-    for item in job["items"]:
+    for index, item in enumerate(job["items"]):
+        if index:
+            fresh_adapter(model)  # every item trains from the same starting point, as qforge's runs do
         rows, collator, tokenizer, loss = data[item["name"]]
         meter = Meter(tokenizer.pad_token_id, None, job["warmup"])
         meter.probe_loss = loss
@@ -201,6 +205,7 @@ def run_baseline(job: Dict[str, Any]) -> List[Dict[str, Any]]:
                           callbacks=[meter.callback()])
         trainer.train()
         results.append({"side": "baseline", "item": item["name"], "variant": "HF Trainer + peft",
+                        "lora_dropout": model.peft_config["default"].lora_dropout,
                         **meter.summary(), **losses_of(trainer.state.log_history)})
         del trainer
         free_memory()
@@ -228,10 +233,30 @@ def run_qforge(job: Dict[str, Any]) -> List[Dict[str, Any]]:
                           job["warmup"])
             metrics = qforge_run.train(plan, extra_callbacks=[meter.callback()])
             results.append({"side": "qforge", "item": item["name"], "variant": variant["name"],
-                            "overrides": variant["overrides"], **meter.summary(),
+                            "overrides": variant["overrides"], "lora_dropout": plan.peft.kwargs.get("lora_dropout"),
+                            **meter.summary(),
                             **losses_of(metrics.get("log_history", []))})
             free_memory()
     return results
+
+
+def fresh_adapter(model: Any, seed: int = 42) -> int:
+    """Re-initialise every LoRA adapter in place (A random, B zero: the model's output is the base model's again).
+
+    The baseline and unsloth sides load once and train several items; without this each item would start from
+    the previous one's adapter and their per-step losses would not be comparable with qforge's fresh runs.
+    """
+    import torch
+
+    torch.manual_seed(seed)
+    count = 0
+    for module in model.modules():
+        reset = getattr(module, "reset_lora_parameters", None)
+        if reset is not None and getattr(module, "lora_A", None):
+            for name in list(module.lora_A.keys()):
+                reset(name, True)
+                count += 1
+    return count
 
 
 def losses_of(log_history: List[Dict[str, Any]]) -> Dict[str, Any]:

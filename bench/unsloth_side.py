@@ -58,7 +58,7 @@ def run_unsloth(job: Dict[str, Any]) -> List[Dict[str, Any]]:
     from transformers import DataCollatorForSeq2Seq
     from trl import SFTConfig, SFTTrainer
 
-    from bench.side import Meter, examples_for, free_memory, losses_of, probe_loss
+    from bench.side import Meter, examples_for, free_memory, fresh_adapter, losses_of, probe_loss
 
     cuda = torch.cuda.is_available()  # always, but for a CPU check of this wiring with a stand-in loader
     max_len = max(item["max_len"] for item in job["items"])
@@ -81,7 +81,9 @@ def run_unsloth(job: Dict[str, Any]) -> List[Dict[str, Any]]:
             loss = float("nan")
         prepared[item["name"]] = (rows, loss)
     results = []
-    for item in job["items"]:
+    for index, item in enumerate(job["items"]):
+        if index:
+            fresh_adapter(model)
         rows, loss = prepared[item["name"]]
         meter = Meter(tokenizer.pad_token_id, None, job["warmup"])
         meter.probe_loss = loss
@@ -98,7 +100,8 @@ def run_unsloth(job: Dict[str, Any]) -> List[Dict[str, Any]]:
                              args=config, callbacks=[meter.callback()])
         trainer.train()
         results.append({"side": "unsloth", "item": item["name"], "variant": f"unsloth {version('unsloth')}",
-                        "settings": settings(item), **meter.summary(), **losses_of(trainer.state.log_history)})
+                        "settings": settings(item), "lora_dropout": 0.0, **meter.summary(),
+                        **losses_of(trainer.state.log_history)})
         del trainer
         free_memory()
     return results

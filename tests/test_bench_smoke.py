@@ -48,3 +48,54 @@ def test_two_gpu_script_runs_its_pipeline_on_cpu(tmp_path: Path) -> None:
     assert rows["ddp-fused"]["losses"] == pytest.approx(rows["ddp-peft"]["losses"], rel=1e-4)
     table = (out / "two_gpus.md").read_text()
     assert "| ddp-fused | 2 | on |" in table and "- ddp: " in table
+
+
+def test_fresh_adapter_restarts_every_item_from_the_same_adapter() -> None:
+    """The baseline and unsloth sides train several items on one loaded model: bench.side.fresh_adapter must put
+    every LoRA layer back to a seeded start (A drawn again, B zero) so each item's per-step losses start where
+    qforge's fresh runs do."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.side import fresh_adapter
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    ids = torch.randint(0, 64, (2, 8))
+    with model.disable_adapter(), torch.no_grad():
+        base_logits = model(input_ids=ids).logits
+    assert fresh_adapter(model) == 14  # 7 linear layers x 2 decoder layers
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.add_(torch.randn_like(param))  # what training did to the previous item's adapter
+        assert not torch.allclose(model(input_ids=ids).logits, base_logits)
+    fresh_adapter(model)
+    again = {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
+    assert all(torch.equal(start[n], again[n]) for n in start)
+    assert all(not again[n].any() for n in again if "lora_B" in n)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, base_logits)
+
+
+@pytest.mark.slow
+def test_trajectory_mode_logs_thirty_steps_per_side_and_holds_qforge_to_the_baseline(tmp_path: Path) -> None:
+    """bench.run --trajectory: 30 logged steps per row, LoRA dropout 0 on both sides, and the table's step-by-step
+    loss gap against the baseline (qforge must stay within 2% at every step for the exit code to be 0)."""
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "bench.run", "--tiny", "--items", "ta", "--trajectory",
+                           "--out", str(out), "--workdir", str(tmp_path / "work")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    base, ours = (next(r for r in results if r["side"] == side) for side in ("baseline", "qforge"))
+    assert len(base["losses"]) == len(ours["losses"]) == 30
+    assert base["lora_dropout"] == ours["lora_dropout"] == 0.0
+    gaps = [abs(a - b) / b for a, b in zip(ours["losses"], base["losses"], strict=True)]
+    assert max(gaps) <= 0.02
+    assert base["losses"][-1] < base["losses"][0] and ours["losses"][-1] < ours["losses"][0]
+    assert f"| 30 | {max(gaps):.2%} |" in (out / "table.md").read_text()

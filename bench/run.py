@@ -90,7 +90,13 @@ def variants_for(item: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
 
 
 SIDES = ("baseline", "qforge", "unsloth")
-SIDE_LABELS = {"baseline": "HF Trainer + peft (baseline)", "qforge": "qforge", "unsloth": "unsloth"}
+
+
+def _label(row: Dict[str, Any]) -> str:
+    """A table row's side: the baseline by name, qforge by variant, unsloth by its version (its variant)."""
+    if row["side"] == "baseline":
+        return "HF Trainer + peft (baseline)"
+    return f"qforge: {row['variant']}" if row["side"] == "qforge" else row["variant"]
 
 
 def side_env(side: str) -> Dict[str, str]:
@@ -151,10 +157,7 @@ def table(results: List[Dict[str, Any]], device: str) -> str:
                 check = f"{'ok' if rel <= LOSS_TOLERANCE else 'DIFFERS'} ({rel:.1e})"
                 deviation = trajectory_deviation(r, base)
                 gap = "-" if deviation is None else f"{deviation:.2%}"
-            label = SIDE_LABELS[r["side"]] if r["side"] != "qforge" else f"qforge: {r['variant']}"
-            if r["side"] == "unsloth":
-                label = r["variant"]
-            lines.append(f"| {item} | {label} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | "
+            lines.append(f"| {item} | {_label(r)} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | "
                          f"{r['tokens_per_step']:,.0f} | {r['peak_gib']:.2f} | {_ratio(r, base, 'tokens_per_s')} | "
                          f"{_ratio(r, base, 'peak_gib')} | {_ratio(r, fast, 'tokens_per_s')} | "
                          f"{_ratio(r, fast, 'peak_gib')} | {r['probe_loss']:.4f} | {check} | "

@@ -60,7 +60,6 @@ def run_unsloth(job: Dict[str, Any]) -> List[Dict[str, Any]]:
 
     from bench.side import Meter, examples_for, free_memory, fresh_adapter, losses_of, probe_loss
 
-    cuda = torch.cuda.is_available()  # always, but for a CPU check of this wiring with a stand-in loader
     max_len = max(item["max_len"] for item in job["items"])
     model, tokenizer = fast_model.from_pretrained(model_name=job["checkpoint"], max_seq_length=max_len,
                                                   dtype=torch.bfloat16, load_in_4bit=True)
@@ -91,11 +90,10 @@ def run_unsloth(job: Dict[str, Any]) -> List[Dict[str, Any]]:
             # gradient_accumulation_steps: TRL/unsloth defaulted to 2 at commit 4019192 (twice the other sides'
             # tokens per optimizer step); 1 like the others, so a step is the same work on every side.
             output_dir=tempfile.mkdtemp(dir=job["workdir"]), per_device_train_batch_size=item["batch"],
-            gradient_accumulation_steps=1,
-            max_length=item["max_len"], packing=item["kind"] == "variable", bf16=cuda, use_cpu=not cuda,
-            learning_rate=2e-4,
-            lr_scheduler_type="linear", warmup_steps=0, optim=OPTIMIZER, max_steps=job["warmup"] + job["steps"],
-            logging_steps=1, save_strategy="no", report_to=[], seed=42, dataset_num_proc=1)
+            gradient_accumulation_steps=1, max_length=item["max_len"], packing=item["kind"] == "variable",
+            bf16=True, learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=0, optim=OPTIMIZER,
+            max_steps=job["warmup"] + job["steps"], logging_steps=1, save_strategy="no", report_to=[], seed=42,
+            dataset_num_proc=1)
         trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=Dataset.from_list(rows),
                              args=config, callbacks=[meter.callback()])
         trainer.train()

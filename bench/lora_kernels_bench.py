@@ -37,6 +37,16 @@ def torch_backward(x: torch.Tensor, a: torch.Tensor, dh: torch.Tensor) -> tuple:
     return dh.t() @ (x * mask), (dh @ a).mul_(mask)
 
 
+def plain_backward(x: torch.Tensor, a: torch.Tensor, dh: torch.Tensor) -> tuple:
+    return dh.t() @ x, dh @ a
+
+
+def kernels_backward(x: torch.Tensor, a: torch.Tensor, dh: torch.Tensor) -> tuple:
+    from trainer import lora_kernels as k
+
+    return k.masked_dha(dh, x, SEED, 0.0), k.masked_dx(dh, a, SEED, 0.0)
+
+
 def main() -> None:
     from trainer import lora_kernels as k
 
@@ -54,8 +64,11 @@ def main() -> None:
             dx = timed(functools.partial(k.masked_dx, dh, a, SEED, P, bm=bm, bk=bk, warps=warps))
             print(f"{shape} triton bm={bm} bk={bk} warps={warps}: fwd {xa:.3f} ms, bwd {dha + dx:.3f} ms "
                   f"(dA {dha:.3f} + dx {dx:.3f})", flush=True)
-        print(f"{shape} triton fwd without dropout {timed(functools.partial(k.masked_xa, x, a, SEED, 0.0)):.3f} ms",
-              flush=True)
+        # Without dropout (qforge's default, peft.dropout=0) the branch takes cuBLAS, not the kernels: both timed.
+        plain_bwd = timed(functools.partial(plain_backward, x, a, dh))
+        triton_bwd = timed(functools.partial(kernels_backward, x, a, dh))
+        print(f"{shape} without dropout: triton fwd {timed(functools.partial(k.masked_xa, x, a, SEED, 0.0)):.3f} ms, "
+              f"bwd {triton_bwd:.3f} ms; cuBLAS bwd {plain_bwd:.3f} ms", flush=True)
 
 
 if __name__ == "__main__":

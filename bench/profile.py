@@ -23,8 +23,8 @@ from bench.workload import build_checkpoint
 class StepProbe:
     """A Trainer callback: profile step `profile_at`, record saved tensors on step `saved_at`."""
 
-    def __init__(self, profile_at: int, saved_at: int, rows: int) -> None:
-        self.profile_at, self.saved_at, self.rows = profile_at, saved_at, rows
+    def __init__(self, profile_at: int, saved_at: int, rows: int, trace: str = "") -> None:
+        self.profile_at, self.saved_at, self.rows, self.trace = profile_at, saved_at, rows, trace
         self.profiler: Any = None
         self.hooks: Any = None
         self.saved: Dict[int, tuple] = {}
@@ -69,7 +69,14 @@ class StepProbe:
         if self.profiler is not None and step == self.profile_at + 1:
             self.profiler.__exit__(None, None, None)
             order = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
-            print(self.profiler.key_averages().table(sort_by=order, row_limit=self.rows), flush=True)
+            averages = self.profiler.key_averages()
+            print(averages.table(sort_by=order, row_limit=self.rows), flush=True)
+            # Python and launch cost: what the CPU spends outside the ops it calls.
+            print(averages.table(sort_by="self_cpu_time_total", row_limit=self.rows), flush=True)
+            print(gpu_busy(self.profiler.events()), flush=True)
+            if self.trace:
+                self.profiler.export_chrome_trace(self.trace)
+                print(f"trace: {self.trace}", flush=True)
             self.profiler = None
         if self.hooks is not None and step == self.saved_at + 1:
             self.hooks.__exit__(None, None, None)
@@ -87,11 +94,34 @@ class StepProbe:
             print(f"  {sum(sizes) / 2**30:7.3f} GiB  {len(sizes):4d} x {shape} {dtype}", flush=True)
 
 
+def gpu_busy(events: Any) -> str:
+    """How much of the profiled step the GPU ran kernels (the union of kernel intervals) and how many it ran.
+
+    The rest is time the GPU waited: for the CPU to launch work, or for copies and synchronisations.
+    """
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if getattr(e.device_type, "name", "") == "CUDA" and e.time_range.end > e.time_range.start)
+    if not spans:
+        return "gpu busy: no kernels recorded"
+    busy, (start, end) = 0.0, spans[0]
+    first, last = spans[0][0], max(s[1] for s in spans)
+    for lo, hi in spans[1:]:
+        if lo > end:
+            busy, start, end = busy + end - start, lo, hi
+        else:
+            end = max(end, hi)
+    busy += end - start
+    wall = last - first
+    return (f"gpu busy: {busy / 1e3:.1f} ms of {wall / 1e3:.1f} ms from first to last kernel "
+            f"({100 * busy / wall:.0f}%), {len(spans)} kernels")
+
+
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--item", default="a", choices=sorted(ITEMS))
     parser.add_argument("--workdir", default="/dev/shm/qforge-bench")
     parser.add_argument("--rows", type=int, default=30)
+    parser.add_argument("--trace", default="", help="write the profiled step's chrome trace here")
     parser.add_argument("overrides", nargs="*", help="qforge overrides, e.g. train.checkpoint_layers=0")
     args = parser.parse_args(argv)
     from trainer import run as qforge_run
@@ -108,7 +138,7 @@ def main(argv: List[str] | None = None) -> int:
     job = {"checkpoint": str(checkpoint), "warmup": 3, "steps": 3, "workdir": str(workdir)}
     item = {"data": str(data), "max_len": spec["max_len"], "batch": spec["batch"]}
     cfg = compose(qforge_overrides(job, item, list(args.overrides)))
-    probe = StepProbe(profile_at=3, saved_at=5, rows=args.rows)
+    probe = StepProbe(profile_at=3, saved_at=5, rows=args.rows, trace=args.trace)
     qforge_run.train(build_plan(cfg), extra_callbacks=[probe.callback()])
     return 0
 

@@ -151,62 +151,65 @@ class LoraBranch(torch.autograd.Function):
         xc = x.to(dtype)
         x2d = xc.reshape(-1, xc.shape[-1])
         rank = weight_a.shape[0]
-        ctx.kernels = _use_kernels(x2d) and x2d.is_contiguous()
+        # Cast once per call and keep the r x K casts for backward (a few hundred KiB a layer), instead of casting
+        # the fp32 adapter weights again there: at 8k-token steps the branch is launch-bound, not FLOP-bound.
+        a, b = weight_a.to(dtype), weight_b.to(dtype)
+        # Without dropout the Triton kernels have nothing to fuse, and cuBLAS with fewer launches is as fast.
+        ctx.kernels = p > 0.0 and _use_kernels(x2d) and x2d.is_contiguous()
         ctx.p, ctx.scale, ctx.x_dtype, ctx.x_shape = p, scaling / (1.0 - p), x.dtype, xc.shape
+        ctx.a_dtype, ctx.b_dtype = weight_a.dtype, weight_b.dtype
         ctx.seed = ctx.state = None
         if ctx.kernels:
             from trainer import lora_kernels
 
             # Drawn from the CPU generator, whose state activation checkpointing restores for its replay.
-            ctx.seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p > 0.0 else 0
+            ctx.seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
             ctx.scale = scaling / (1.0 - lora_kernels.effective_p(p))  # the p the 16-bit draws apply
-            a = _pad_rows(weight_a.to(dtype), lora_kernels.padded_rank(rank))
+            a = _pad_rows(a, lora_kernels.padded_rank(rank))
             # dropout's 1/(1-p) and the LoRA scaling, both on the rank-r side
             hidden = lora_kernels.masked_xa(x2d, a, ctx.seed, p)[:, :rank].mul(ctx.scale).to(dtype)
         else:
             if p > 0.0:
                 ctx.state = _rng_state(x.device)
                 x2d = x2d * _keep_mask(x2d, p)
-            hidden = (x2d @ weight_a.to(dtype).t()).mul_(ctx.scale)
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, weight_b.to(dtype).t())
+            hidden = (x2d @ a.t()).mul_(ctx.scale)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t())
         recipe, inputs = getattr(x, "_qforge_recompute", (None, ())) if xc is x else (None, ())
         ctx.recipe = recipe
         if recipe is not None:
             recipe.users += 1
-            ctx.save_for_backward(weight_a, weight_b, hidden, *inputs)
+            ctx.save_for_backward(a, b, hidden, *inputs)
         else:
-            ctx.save_for_backward(weight_a, weight_b, hidden, xc)
+            ctx.save_for_backward(a, b, hidden, xc)
         return out.view(result.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        weight_a, weight_b, hidden, *kept = ctx.saved_tensors
+        a, b, hidden, *kept = ctx.saved_tensors  # a: rows padded on the kernel path
         xc = ctx.recipe.get(tuple(kept)) if ctx.recipe is not None else kept[0]
-        dtype, rank = hidden.dtype, weight_a.shape[0]
+        dtype, rank = hidden.dtype, b.shape[1]
         x2d = xc.reshape(-1, xc.shape[-1])
         grad2d = grad.reshape(-1, grad.shape[-1]).to(dtype)
-        grad_hidden = (grad2d @ weight_b.to(dtype)).mul_(ctx.scale)  # N x r
+        grad_hidden = (grad2d @ b).mul_(ctx.scale)  # N x r
         grad_a = grad_b = grad_x = None
         if ctx.needs_input_grad[3]:
-            grad_b = (grad2d.t() @ hidden).to(weight_b.dtype)
+            grad_b = (grad2d.t() @ hidden).to(ctx.b_dtype)
         if ctx.kernels:
             from trainer import lora_kernels
 
-            padded = lora_kernels.padded_rank(rank)
-            grad_hidden = _pad_cols(grad_hidden, padded)
+            grad_hidden = _pad_cols(grad_hidden, a.shape[0])
             if ctx.needs_input_grad[2]:
-                grad_a = lora_kernels.masked_dha(grad_hidden, x2d, ctx.seed, ctx.p)[:rank].to(weight_a.dtype)
+                grad_a = lora_kernels.masked_dha(grad_hidden, x2d, ctx.seed, ctx.p)[:rank].to(ctx.a_dtype)
             if ctx.needs_input_grad[1]:
-                a = _pad_rows(weight_a.to(dtype), padded)
                 grad_x = lora_kernels.masked_dx(grad_hidden, a, ctx.seed, ctx.p).view(ctx.x_shape)
         else:
             mask = _replay_mask(x2d, ctx.p, ctx.state) if ctx.p > 0.0 else None
             if ctx.needs_input_grad[2]:
                 dropped = x2d * mask if mask is not None else x2d
-                grad_a = (grad_hidden.t() @ dropped).to(weight_a.dtype)
+                grad_a = (grad_hidden.t() @ dropped).to(ctx.a_dtype)
                 del dropped
             if ctx.needs_input_grad[1]:
-                grad_x = grad_hidden @ weight_a.to(dtype)
+                grad_x = grad_hidden @ a
                 if mask is not None:
                     grad_x.mul_(mask)
                 grad_x = grad_x.view(ctx.x_shape)

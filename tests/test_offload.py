@@ -1,8 +1,9 @@
-"""train.offload_activations (trainer/offload.py): checkpointed layer inputs in host memory.
+"""train.offload_activations (trainer/offload.py): what decoder layers keep for backward, in host memory.
 
 On CPU the hooks run in simulate mode (a separate CPU copy stands in for pinned host memory, no streams): what
-is packed is exactly each checkpointed layer's input, everything comes back in reverse order, and the gradients
-are the ones without offloading, bit for bit. The CUDA path (side stream, prefetch, the memory it saves) is the
+is packed is exactly each checkpointed layer's input, and everything an un-checkpointed layer saves except its
+parameters and shared keyword tensors; everything comes back, and the gradients are the ones without
+offloading, bit for bit. The CUDA path (side stream, prefetch, the memory it saves) is the
 gpu-marked test at the end, run on the GPU machine.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Set, Tuple
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ import torch
 from tests.conftest import only_run_dir, run_cli
 from trainer import memory
 from trainer.compose import compose
-from trainer.offload import LayerInputOffloader, offload_checkpointed_layers
+from trainer.offload import ActivationOffloader, offload_checkpointed_layers, spread
 from trainer.schema import TinyArch
 from trainer.tiny import ensure_tiny_model
 
@@ -28,7 +29,9 @@ def tiny_model_dir() -> Path:
     return ensure_tiny_model(TinyArch())
 
 
-def _grads(model_dir: Path, offloader: Any = None, keep: int = 99) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def _grads(model_dir: Path, offloader: Any = None, keep: int = 99,
+           plain: bool = False) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Set[int]]:
+    """The loss, the gradients, and the storages of the model's parameters."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -40,18 +43,20 @@ def _grads(model_dir: Path, offloader: Any = None, keep: int = 99) -> Tuple[torc
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index < keep  # as trainer/speed.py's partial checkpointing does
     if offloader is not None:
-        assert offload_checkpointed_layers(model, offloader) == min(keep, len(layers))
+        wrapped = offload_checkpointed_layers(model, offloader, plain_layers=plain)
+        assert wrapped == (len(layers) if plain else min(keep, len(layers)))
     ids = torch.randint(5, 800, (2, 24), generator=torch.Generator().manual_seed(1))
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+            {p.untyped_storage().data_ptr() for p in model.parameters()})
 
 
 @pytest.mark.parametrize("keep", [99, 1], ids=["every-layer", "first-layer-only"])
 def test_offloaded_inputs_come_back_and_give_the_same_gradients(tiny_model_dir: Path, keep: int) -> None:
-    loss, grads = _grads(tiny_model_dir, keep=keep)
-    offloader = LayerInputOffloader(min_bytes=0, simulate=True)
-    offloaded_loss, offloaded_grads = _grads(tiny_model_dir, offloader, keep=keep)
+    loss, grads, _ = _grads(tiny_model_dir, keep=keep)
+    offloader = ActivationOffloader(min_bytes=0, simulate=True)
+    offloaded_loss, offloaded_grads, _ = _grads(tiny_model_dir, offloader, keep=keep)
     assert torch.equal(offloaded_loss, loss)
     assert set(offloaded_grads) == set(grads)
     for name, grad in grads.items():
@@ -59,29 +64,64 @@ def test_offloaded_inputs_come_back_and_give_the_same_gradients(tiny_model_dir: 
     arch = TinyArch()
     # one saved tensor per checkpointed layer, its hidden states (batch x seq x hidden), all unpacked by backward
     assert len(offloader.saved) == min(keep, arch.num_hidden_layers)
-    assert all(tuple(s.host.shape) == (2, 24, arch.hidden_size) for s in offloader.saved)
+    assert all(s.host.numel() == 2 * 24 * arch.hidden_size for s in offloader.saved)
     assert all(s.unpacked for s in offloader.saved)
 
 
+@pytest.mark.parametrize("keep", [1, 0], ids=["one-checkpointed", "none-checkpointed"])
+def test_un_checkpointed_layers_offload_everything_they_save_and_train_the_same(tiny_model_dir: Path,
+                                                                                keep: int) -> None:
+    loss, grads, _ = _grads(tiny_model_dir, keep=keep)
+    offloader = ActivationOffloader(min_bytes=0, simulate=True)
+    offloaded_loss, offloaded_grads, parameters = _grads(tiny_model_dir, offloader, keep=keep, plain=True)
+    assert torch.equal(offloaded_loss, loss)
+    assert set(offloaded_grads) == set(grads)
+    for name, grad in grads.items():
+        assert torch.equal(offloaded_grads[name], grad), name
+    arch = TinyArch()
+    layer_input = 2 * 24 * arch.hidden_size
+    assert len(offloader.groups) == arch.num_hidden_layers  # one group per layer call, in forward order
+    checkpointed, plain = offloader.groups[:keep], offloader.groups[keep:]
+    assert all(len(g.items) == 1 and g.items[0].host.numel() == layer_input for g in checkpointed)
+    for group in plain:
+        # the norms' inputs, q/k/v, attention output, gate and up...: several storages, each copied once
+        assert len(group.items) >= 5
+        assert sum(i.host.numel() for i in group.items) > 4 * layer_input
+        assert len({i.host.data_ptr() for i in group.items}) == len(group.items)
+    assert all(s.unpacked and s.users == 0 for s in offloader.saved)
+    assert not {i.source for i in offloader.saved} & parameters  # no weight went to the host
+
+
+def test_the_checkpointed_layers_are_spread_among_the_offloaded_ones() -> None:
+    assert spread(16, 32) == [False, True] * 16
+    assert spread(1, 5) == [False, False, True, False, False]
+    assert spread(0, 4) == [False] * 4 and spread(4, 4) == [True] * 4 and spread(9, 4) == [True] * 4
+    for keep in range(1, 33):
+        chosen = spread(keep, 32)
+        assert sum(chosen) == keep
+        # no run of offloaded layers longer than one share of the stack
+        runs = "".join("c" if c else "o" for c in chosen).split("c")
+        assert max(len(r) for r in runs) <= -(-32 // keep)
+
+
 def test_small_tensors_stay_where_they_are() -> None:
-    offloader = LayerInputOffloader(min_bytes=1 << 20, simulate=True)
+    offloader = ActivationOffloader(min_bytes=1 << 20, simulate=True)
     small = torch.ones(8)
     assert offloader.pack(small) is small and offloader.unpack(small) is small and not offloader.saved
 
 
-def test_offload_is_refused_where_it_does_nothing(output_root: Path) -> None:
-    no_layer = run_cli("train.offload_activations=true", "train.checkpoint_layers=0", "dry_run=true",
-                       f"output_root={output_root}")
-    assert no_layer.returncode == 2 and "train.offload_needs_checkpointing" in no_layer.stderr
+def test_offload_is_refused_on_cpu(output_root: Path) -> None:
     on_cpu = run_cli("train.offload_activations=true", f"output_root={output_root}")
     assert on_cpu.returncode == 1 and "Traceback" not in on_cpu.stderr  # a UserError at plan time
     assert "this run trains on CPU" in on_cpu.stderr and not output_root.exists()
 
 
+LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
+
+
 def test_the_memory_model_keeps_two_offloaded_inputs_on_the_gpu(tmp_path: Path) -> None:
-    config = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-              "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
     base = ["model=local", f"model.name_or_path={tmp_path}", "train.max_seq_len=2048", "train.batch_size=4",
             "do_eval=false"]
     layer_input = 2 * 4 * 2048 * 4096
@@ -97,13 +137,32 @@ def test_the_memory_model_keeps_two_offloaded_inputs_on_the_gpu(tmp_path: Path) 
     assert moved_peaks["bnb8"] > moved_peaks["bnb4"] + 32 * layer_input
 
 
+def test_the_memory_model_keeps_two_offloaded_un_checkpointed_layers_on_the_gpu(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    base = ["model=local", f"model.name_or_path={tmp_path}", "train.max_seq_len=2048", "train.batch_size=4",
+            "do_eval=false", "quant=bnb4", "train.checkpoint_layers=8"]
+    kept = memory.predict(compose(base), device="cuda")
+    moved = memory.predict(compose([*base, "train.offload_activations=true"]), device="cuda")
+
+    def plain_layers(prediction: Any) -> float:
+        phase = next(p for p in prediction.phases if p.name == "forward end (loss)")
+        return next(t.bytes for t in phase.terms if "un-checkpointed" in t.name)
+
+    # 24 un-checkpointed layers: all on the GPU without offload, 2 at a time with it
+    assert plain_layers(moved) == pytest.approx(plain_layers(kept) * 2 / 24)
+    assert any("un-checkpointed layers' activations" in a and "pinned host memory" in a for a in moved.assumptions)
+    assert moved.phase_bytes("forward end (loss)") < kept.phase_bytes("forward end (loss)") - 20 * 2**30
+
+
 @pytest.mark.gpu
-def test_offload_on_gpu_trains_the_same_in_less_memory(output_root: Path) -> None:
-    """On CUDA: the same losses as without offloading, and a lower peak (the side stream and prefetch path)."""
+@pytest.mark.parametrize("layers", [[], ["train.checkpoint_layers=1"]], ids=["checkpointed", "mostly-offloaded"])
+def test_offload_on_gpu_trains_the_same_in_less_memory(output_root: Path, layers: List[str]) -> None:
+    """On CUDA: the same losses as without offloading, and a lower peak (the side stream and prefetch path);
+    with one layer of four checkpointed, the other three offload everything they save."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     common = ["train.max_steps=6", "train.logging_steps=1", "do_eval=false", "train.max_seq_len=512",
-              "train.batch_size=8", "train.lr=1e-3", "train.warmup_ratio=0", "peft.dropout=0"]
+              "train.batch_size=8", "train.lr=1e-3", "train.warmup_ratio=0", "peft.dropout=0", *layers]
     results = {}
     for offload in ("false", "true"):
         out = output_root / offload

@@ -61,8 +61,8 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
     dtype = resolve_compute_dtype(cfg, gpus, bf16)
     device = "cuda" if gpus > 0 else "cpu"
     if cfg.train.offload_activations and device == "cpu":
-        raise UserError("train.offload_activations=true moves checkpointed layer inputs from GPU memory to host "
-                        "memory, and this run trains on CPU, where they already are; set "
+        raise UserError("train.offload_activations=true moves what the layers keep for backward from GPU memory to "
+                        "host memory, and this run trains on CPU, where they already are; set "
                         "train.offload_activations=false (or run on a GPU machine).")
     run_dir = os.path.abspath(os.path.expanduser(run_dir or cfg.run_dir or default_run_dir(cfg)))
     size = world_size(cfg, gpus)

@@ -163,16 +163,6 @@ RULES = [
         "set do_eval=true (with data.eval_fraction > 0), or eval.samples=0.",
     ),
     error(
-        "train.offload_needs_checkpointing",
-        ["train"],
-        lambda cfg: cfg.train.offload_activations and (not cfg.train.gradient_checkpointing
-                                                       or cfg.train.checkpoint_layers == 0),
-        "train.offload_activations=true moves the inputs checkpointed layers keep to host memory, but no layer "
-        "is checkpointed (train.gradient_checkpointing=false or train.checkpoint_layers=0).",
-        "set train.gradient_checkpointing=true with train.checkpoint_layers=null (every layer) or a number of "
-        "layers, or train.offload_activations=false.",
-    ),
-    error(
         "run.nothing_to_do",
         [],
         lambda cfg: not cfg.do_train and not cfg.do_eval,

@@ -299,8 +299,9 @@ class TrainLoop:
     # fewest that fit the GPU with a 10% margin, decided at plan time (trainer/memory.py). Any, because a
     # structured config has no Union: the rule train.checkpoint_layers refuses every other value.
     checkpoint_layers: Any = None
-    # Checkpointed layers keep their input in pinned host memory instead of GPU memory, copied on a side stream
-    # and brought back one layer ahead during backward (trainer/offload.py). Needs CUDA and checkpointing.
+    # What the decoder layers keep for backward lives in pinned host memory instead of GPU memory, copied on a
+    # side stream and brought back one layer ahead during backward (trainer/offload.py): a checkpointed layer's
+    # input, all of an un-checkpointed layer's saved activations (no recompute). Needs CUDA.
     offload_activations: bool = False
     # Memory of one GPU in GiB, for the memory rule where it cannot be detected (a login node) or to
     # check against a smaller GPU. Null: this machine's GPUs (none: no check), or launcher.slurm.gpu_mem_gib.

@@ -137,8 +137,8 @@ def callbacks(speed: SpeedSpec) -> List[Any]:
     """Trainer callbacks the speed settings need (partial checkpointing, then offloading what it keeps)."""
     found: List[Any] = []
     if speed.gradient_checkpointing and speed.checkpoint_layers is not None:
-        found.append(_partial_checkpointing(speed.checkpoint_layers))
-    if speed.gradient_checkpointing and speed.offload_activations:
+        found.append(_partial_checkpointing(speed.checkpoint_layers, spread_out=speed.offload_activations))
+    if speed.offload_activations:
         found.append(_offload_activations())
     return found
 
@@ -147,32 +147,41 @@ def _offload_activations() -> Any:
     from transformers import TrainerCallback
 
     class OffloadActivations(TrainerCallback):
-        """Checkpointed layers keep their input in pinned host memory (trainer/offload.py)."""
+        """What the decoder layers keep for backward lives in pinned host memory (trainer/offload.py)."""
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-            from trainer.offload import offload_checkpointed_layers
+            from trainer.offload import decoder_layers, offload_checkpointed_layers
 
-            wrapped = offload_checkpointed_layers(model)
-            log.info("activation offload: the inputs of %d checkpointed decoder layers go to host memory", wrapped)
+            layers = decoder_layers(model)
+            checkpointed = sum(bool(getattr(m, "gradient_checkpointing", False)) for m in layers)
+            wrapped = offload_checkpointed_layers(model, plain_layers=True)
+            log.info("activation offload: %d decoder layers keep their input in host memory (checkpointed), "
+                     "%d all their saved activations (no recompute)", checkpointed, wrapped - checkpointed)
 
     return OffloadActivations()
 
 
-def _partial_checkpointing(keep: int) -> Any:
+def _partial_checkpointing(keep: int, spread_out: bool = False) -> Any:
     from transformers import TrainerCallback
 
     class PartialCheckpointing(TrainerCallback):
-        """Checkpoint only the first `keep` decoder layers; the rest keep their activations.
+        """Checkpoint only `keep` decoder layers (the first ones); the rest keep their activations.
 
         The Trainer switches checkpointing on for every layer just before on_train_begin; memory left
         over after the speed pass buys back the recompute (a third of the FLOPs) of the later layers.
+        spread_out (activation offload): the checkpointed layers are spread evenly among the others, so that
+        each offloaded layer's copies overlap a recomputing layer's extra work (trainer/offload.py).
         """
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+            from trainer.offload import spread
+
             layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")
                       and type(m).__name__.endswith("DecoderLayer")]
-            for index, layer in enumerate(layers):
-                layer.gradient_checkpointing = index < keep
-            log.info("gradient checkpointing: %d of %d decoder layers", min(keep, len(layers)), len(layers))
+            chosen = spread(keep, len(layers)) if spread_out else [index < keep for index in range(len(layers))]
+            for layer, checkpointed in zip(layers, chosen):
+                layer.gradient_checkpointing = checkpointed
+            log.info("gradient checkpointing: %d of %d decoder layers%s", sum(chosen), len(layers),
+                     " (spread among the offloaded ones)" if spread_out else "")
 
     return PartialCheckpointing()

@@ -880,11 +880,20 @@ def _activations(x: Inputs, checkpointed: int) -> _Activations:
         held_name += ", offloaded: 2 on the GPU at a time"
         notes.append(f"activation offload: {checkpointed * moved / GIB:.2f} GiB of layer inputs per GPU in pinned "
                      "host memory")
-    kept = [Term(held_name, held),
-            Term(f"activations of un-checkpointed layers ({plain} x {full / GIB:.3f} GiB)", plain * full)]
+    plain_held, plain_name = plain * full, f"activations of un-checkpointed layers ({plain} x {full / GIB:.3f} GiB)"
+    if x.offload_activations and plain:
+        # trainer/offload.py: an un-checkpointed layer's saved tensors go to the host too; in backward the layer
+        # computing and the one prefetched are on the GPU (and in forward the copies may lag by as much).
+        # What bnb 8-bit holds on its autograd ctx (the part of a checkpointed layer beyond its input) stays.
+        on_ctx = ckpt - c * N * H
+        plain_held = min(plain, 2) * full + (plain - min(plain, 2)) * on_ctx
+        plain_name += ", offloaded: 2 on the GPU at a time"
+        notes.append(f"activation offload: {plain * full / GIB:.2f} GiB of un-checkpointed layers' activations per "
+                     "GPU in pinned host memory")
+    kept = [Term(held_name, held), Term(plain_name, plain_held)]
     # The backward pass at its worst: the last layer's backward with every layer's activations still held,
     # or the recompute of the last checkpointed layer (the un-checkpointed layers are done by then).
-    last = held + plain * full if plain else 0.0
+    last = held + plain_held if plain else 0.0
     recompute = held + full - shared if checkpointed else 0.0
     if recompute > last:
         kept_bwd = [Term(held_name, held),

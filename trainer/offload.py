@@ -84,6 +84,7 @@ class ActivationOffloader:
         # group ends keeps its address from being reused by a new tensor that would match the same key.
         self._shared: Dict[tuple, Tuple[_Offloaded, Any]] = {}
         self._backward_seen = False
+        self._frontier = 0  # the earliest group backward has reached
 
     @property
     def saved(self) -> List[_Offloaded]:
@@ -178,7 +179,8 @@ class ActivationOffloader:
     def unpack(self, handle: Any) -> Any:
         if not isinstance(handle, _Handle):
             return handle
-        self._backward_seen = True
+        if not self._backward_seen:
+            self._backward_seen, self._frontier = True, len(self.groups)
         item = handle.item
         item.unpacked = True
         if not self.cuda:
@@ -191,8 +193,10 @@ class ActivationOffloader:
                 self._fetch(group)
             # Backward runs the layers last to first: what later layers fetched is no longer needed on the GPU,
             # and the layer before this one comes back while this one computes.
-            for later in self.groups[item.group + 1:]:
-                self._release(later)
+            if item.group < self._frontier:
+                for later in self.groups[item.group + 1:self._frontier + 1]:
+                    self._release(later)
+                self._frontier = item.group
             if item.group > 0 and not self.groups[item.group - 1].fetched:
                 self._fetch(self.groups[item.group - 1])
             if item.back is None:  # released earlier (an unusual backward order): fetch it again

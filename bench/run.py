@@ -158,7 +158,7 @@ def table(results: List[Dict[str, Any]], device: str) -> str:
                 deviation = trajectory_deviation(r, base)
                 gap = "-" if deviation is None else f"{deviation:.2%}"
             lines.append(f"| {item} | {_label(r)} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | "
-                         f"{r['tokens_per_step']:,.0f} | {r['peak_gib']:.2f} | {_ratio(r, base, 'tokens_per_s')} | "
+                         f"{r['tokens_per_step']:,.0f} | {_peak(r)} | {_ratio(r, base, 'tokens_per_s')} | "
                          f"{_ratio(r, base, 'peak_gib')} | {_ratio(r, fast, 'tokens_per_s')} | "
                          f"{_ratio(r, fast, 'peak_gib')} | {r['probe_loss']:.4f} | {check} | "
                          f"{len(r.get('losses', []))} | {gap} |")
@@ -166,6 +166,12 @@ def table(results: List[Dict[str, Any]], device: str) -> str:
     for variant, spec in settings.items():
         lines += ["", f"{variant}: " + "; ".join(f"{k}: {v}" for k, v in spec.items())]
     return "\n".join(lines)
+
+
+def _peak(row: Dict[str, Any]) -> str:
+    """Measured peak, and qforge's own prediction for it (trainer/memory) where the row has one."""
+    predicted = row.get("predicted_gib")
+    return f"{row['peak_gib']:.2f}" + (f" (predicted {predicted:.2f})" if predicted else "")
 
 
 def device_name() -> str:
@@ -187,6 +193,8 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--trajectory", action="store_true",
                         help=f"{TRAJECTORY_STEPS} steps per row with LoRA dropout 0 on every side; qforge's training "
                              f"loss must stay within {LOSS_TOLERANCE:.0%} of the baseline's at every step")
+    parser.add_argument("--dropout", type=float, default=None,
+                        help="LoRA dropout of the baseline and qforge sides (default 0.05; --trajectory: 0)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--workdir", default=None, help="checkpoints and data (default: /dev/shm or /tmp)")
@@ -227,7 +235,8 @@ def main(argv: List[str] | None = None) -> int:
                           "batch": spec["batch"],
                           "variants": variants_for(name, args)})
         common = {"checkpoint": str(checkpoint), "items": items, "warmup": args.warmup, "steps": args.steps,
-                  "workdir": str(workdir), **({"dropout": 0.0} if args.trajectory else {})}
+                  "workdir": str(workdir), **({"dropout": 0.0} if args.trajectory else {}),
+                  **({"dropout": args.dropout} if args.dropout is not None else {})}
         for side in sides:
             results += run_side({**common, "side": side}, out / "logs", deadline)
             (out / "results.json").write_text(json.dumps(results, indent=1))

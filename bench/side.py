@@ -234,7 +234,7 @@ def run_qforge(job: Dict[str, Any]) -> List[Dict[str, Any]]:
             metrics = qforge_run.train(plan, extra_callbacks=[meter.callback()])
             results.append({"side": "qforge", "item": item["name"], "variant": variant["name"],
                             "overrides": variant["overrides"], "lora_dropout": plan.peft.kwargs.get("lora_dropout"),
-                            **meter.summary(),
+                            "predicted_gib": plan.memory.get("peak_allocated_gib"), **meter.summary(),
                             **losses_of(metrics.get("log_history", []))})
             free_memory()
     return results

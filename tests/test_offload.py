@@ -154,6 +154,19 @@ def test_the_memory_model_keeps_two_offloaded_un_checkpointed_layers_on_the_gpu(
     assert moved.phase_bytes("forward end (loss)") < kept.phase_bytes("forward end (loss)") - 20 * 2**30
 
 
+def test_auto_under_offload_recomputes_half_the_layers_and_offloads_the_rest(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    base = ["model=local", f"model.name_or_path={tmp_path}", "train.max_seq_len=2048", "train.batch_size=4",
+            "do_eval=false", "quant=bnb4", "train.checkpoint_layers=auto", "train.gpu_mem_gib=80"]
+    kept = memory.predict(compose(base), device="cuda")
+    moved = memory.predict(compose([*base, "train.offload_activations=true"]), device="cuda")
+    assert kept.checkpoint_layers is None or kept.checkpoint_layers < 16  # 80 GiB: memory buys back recompute
+    assert moved.checkpoint_layers == 16 and "offload their activations" in moved.auto
+    # a card too small even for everything checkpointed keeps the usual refusal
+    tiny = memory.predict(compose([*base, "train.offload_activations=true", "train.gpu_mem_gib=4"]), device="cuda")
+    assert tiny.checkpoint_layers is None and "even with every layer checkpointed" in tiny.auto
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layers", [[], ["train.checkpoint_layers=1"]], ids=["checkpointed", "mostly-offloaded"])
 def test_offload_on_gpu_trains_the_same_in_less_memory(output_root: Path, layers: List[str]) -> None:

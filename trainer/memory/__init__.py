@@ -431,6 +431,16 @@ def predict_inputs(x: Inputs) -> Prediction:
     if _predict(x, layers, None, "").needed_bytes > budget:
         return _predict(x, layers, None, f"even with every layer checkpointed the run needs more than "
                                          f"{(1 - MARGIN) * x.target_gib:.1f} GiB")
+    if x.offload_activations:
+        # Offloaded, un-checkpointed layers hold two layers' worth of GPU memory whatever their number: memory
+        # does not bound them, the host link does (each moves ~10x a checkpointed layer's bytes). Half the layers
+        # recomputing and half offloading was the fastest split measured on an H200 at 8k and 16k tokens per step
+        # (bench/RESULTS.md, run 6), so that is auto's choice under offload.
+        half = layers - layers // 2
+        found = _predict(x, half, half, "")
+        note = (f"{half} of {layers} layers checkpointed, {layers - half} offload their activations to host memory "
+                f"(train.offload_activations): needs {_g(found.needed_bytes)} of {x.target_gib:g} GiB")
+        return dataclasses.replace(found, checkpoint_layers=half, auto=note)
     # needed() never grows with more checkpointed layers: bisect for the fewest that fit.
     low, high = 0, layers
     while low < high:

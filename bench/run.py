@@ -65,6 +65,12 @@ def trajectory_deviation(row: Dict[str, Any], base: Dict[str, Any]) -> float | N
     return max(abs(ours - theirs) / abs(theirs) for ours, theirs in pairs)
 
 
+def same_schedule(row: Dict[str, Any], base: Dict[str, Any]) -> bool:
+    """Whether both rows logged the same learning rate at every step (a per-step loss gap means nothing else)."""
+    ours, theirs = row.get("lrs", []), base.get("lrs", [])
+    return len(ours) == len(theirs) and all(abs(a - b) <= 1e-6 * abs(b) + 1e-12 for a, b in zip(ours, theirs))
+
+
 def item_data(name: str, spec: Dict[str, Any], workdir: Path) -> Path:
     """The work item's JSONL: 64 full-length examples of 2048 tokens (as many tokens in fewer, longer ones), or
     2,000 instruction-like ones to pack."""
@@ -157,6 +163,8 @@ def table(results: List[Dict[str, Any]], device: str) -> str:
                 check = f"{'ok' if rel <= LOSS_TOLERANCE else 'DIFFERS'} ({rel:.1e})"
                 deviation = trajectory_deviation(r, base)
                 gap = "-" if deviation is None else f"{deviation:.2%}"
+                if deviation is not None and r.get("lrs") and not same_schedule(r, base):
+                    gap += " (learning rates differ)"
             lines.append(f"| {item} | {_label(r)} | {r['tokens_per_s']:,.0f} | {r['step_s']:.3f} | "
                          f"{r['tokens_per_step']:,.0f} | {_peak(r)} | {_ratio(r, base, 'tokens_per_s')} | "
                          f"{_ratio(r, base, 'peak_gib')} | {_ratio(r, fast, 'tokens_per_s')} | "
@@ -259,7 +267,8 @@ def _loss_ok(row: Dict[str, Any], results: List[Dict[str, Any]], trajectory: boo
         return True
     deviation = trajectory_deviation(row, base)
     steps = min(len(row.get("losses", [])), len(base.get("losses", [])))
-    return deviation is not None and steps == TRAJECTORY_STEPS and deviation <= LOSS_TOLERANCE
+    return deviation is not None and steps == TRAJECTORY_STEPS and deviation <= LOSS_TOLERANCE \
+        and same_schedule(row, base)
 
 
 def _default_workdir(tiny: bool) -> str:

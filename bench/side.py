@@ -30,7 +30,9 @@ def qforge_overrides(job: Dict[str, Any], item: Dict[str, Any], extra: List[str]
         "peft.alpha=32", f"peft.dropout={job.get('dropout', DROPOUT)}", "data=alpaca", f"data.path={item['data']}",
         f"train.max_seq_len={item['max_len']}", f"train.batch_size={item['batch']}",
         f"train.max_steps={job['warmup'] + job['steps']}", "train.logging_steps=1", "train.save_steps=100000",
-        "train.warmup_ratio=0", "do_eval=false", "logger=none", f"output_root={job['workdir']}/runs",
+        # the baseline's schedule (TrainingArguments' defaults): linear decay, no warm-up
+        "train.scheduler=linear", "train.warmup_ratio=0", "do_eval=false", "logger=none",
+        f"output_root={job['workdir']}/runs",
         *extra,
     ]
 
@@ -158,6 +160,11 @@ class Meter:
         }
 
 
+def _baseline_rows(examples: List[Any]) -> List[Dict[str, Any]]:
+    return [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
+            for e in examples]
+
+
 def run_baseline(job: Dict[str, Any]) -> List[Dict[str, Any]]:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -168,6 +175,8 @@ def run_baseline(job: Dict[str, Any]) -> List[Dict[str, Any]]:
         Trainer,
         TrainingArguments,
     )
+
+    from trainer.compose import compose
 
     cuda = torch.cuda.is_available()
     compute = torch.bfloat16 if cuda else torch.float32  # bnb's CPU path computes in fp32
@@ -185,11 +194,13 @@ def run_baseline(job: Dict[str, Any]) -> List[Dict[str, Any]]:
     data = {}
     for item in job["items"]:
         examples, tokenizer = examples_for(job, item)
-        rows = [{"input_ids": e.input_ids, "labels": e.labels, "attention_mask": [1] * len(e.input_ids)}
-                for e in examples]
+        # The fixed-batch probe takes the first examples as they come, as qforge's probe does; training takes
+        # them in qforge's row order.
+        probe_rows = _baseline_rows(examples[: item["batch"]])
+        rows = _baseline_rows(in_training_order(examples, compose(qforge_overrides(job, item, []))))
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, pad_to_multiple_of=8, return_tensors="pt")
         # Every item's fixed-batch loss is taken before any training, on the freshly adapted model.
-        data[item["name"]] = (rows, collator, tokenizer, probe_loss(model, collator(rows[: item["batch"]])))
+        data[item["name"]] = (rows, collator, tokenizer, probe_loss(model, collator(probe_rows)))
     for index, item in enumerate(job["items"]):
         if index:
             fresh_adapter(model)  # every item trains from the same starting point, as qforge's runs do
@@ -260,9 +271,27 @@ def fresh_adapter(model: Any, seed: int = 42) -> int:
 
 
 def losses_of(log_history: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The training loss of every logged step (logging_steps=1) and the first one, from a Trainer's log history."""
-    losses = [float(h["loss"]) for h in log_history if "loss" in h]
-    return {"first_loss": losses[0] if losses else float("nan"), "losses": losses}
+    """The training loss and learning rate of every logged step (logging_steps=1), from a Trainer's log history."""
+    logged = [h for h in log_history if "loss" in h]
+    losses = [float(h["loss"]) for h in logged]
+    return {"first_loss": losses[0] if losses else float("nan"), "losses": losses,
+            "lrs": [float(h.get("learning_rate", float("nan"))) for h in logged]}
+
+
+def in_training_order(examples: List[Any], cfg: Any) -> List[Any]:
+    """The examples in the order of the rows qforge trains on (its packed bins), for the baseline's dataset.
+
+    Both sides' HF Trainers shuffle with seed 42: over datasets of the same rows in the same order they draw the
+    same batches, so per-step losses compare like for like. That holds exactly where every packed row is one
+    example (fixed-length items); with several per row (b), the order is the bins' and the batches differ anyway.
+    """
+    from trainer.packing import pack_lengths
+
+    if not cfg.train.packing:
+        return list(examples)
+    flat, _ = pack_lengths([len(e.input_ids) for e in examples], int(cfg.train.max_seq_len),
+                           seed=cfg.data.split_seed)
+    return [examples[int(i)] for i in flat]
 
 
 def free_memory() -> None:

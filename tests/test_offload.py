@@ -186,3 +186,46 @@ def test_offload_on_gpu_trains_the_same_in_less_memory(output_root: Path, layers
     losses = {k: [e["loss"] for e in m["log_history"] if "loss" in e] for k, m in results.items()}
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-3)
     assert results["true"]["peak_memory_bytes"] < results["false"]["peak_memory_bytes"]
+
+
+def _offloaded_8b(tmp_path: Path, *extra: str) -> List[str]:
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    return ["model=local", f"model.name_or_path={tmp_path}", "quant=bnb4", "train.max_seq_len=2048",
+            "train.batch_size=4", "do_eval=false", "train.gpu_mem_gib=80", "train.offload_activations=true",
+            "train.checkpoint_layers=auto", *extra]
+
+
+def test_offload_that_would_not_fit_in_host_memory_is_refused_before_anything_runs(tmp_path: Path,
+                                                                                    output_root: Path) -> None:
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    done = run_cli(*_offloaded_8b(model_dir, "train.host_mem_gib=8"), "dry_run=true", f"output_root={output_root}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "[memory.host_offload]" in done.stderr and "pinned host memory" in done.stderr
+    assert "train.checkpoint_layers=null (only the layer inputs go to the host" in done.stderr
+    assert not output_root.exists()
+
+
+def test_the_host_check_counts_every_process_of_a_node(tmp_path: Path) -> None:
+    from trainer.memory.host import ranks_per_node
+    from trainer.memory.rules import _host_does_not_fit
+
+    one = compose(_offloaded_8b(tmp_path, "train.host_mem_gib=64"))
+    per_gpu = memory.predict(one).host_bytes
+    assert 4 * 2**30 < per_gpu < 32 * 2**30  # 16 layers offloaded whole, 16 inputs
+    assert not _host_does_not_fit(one)
+    eight = compose(_offloaded_8b(tmp_path, "train.host_mem_gib=64", "launcher=torchrun",
+                                  "launcher.nproc_per_node=8", "strategy=ddp"))
+    assert ranks_per_node(eight) == 8 and _host_does_not_fit(eight)
+    # with every layer checkpointed only the inputs go to the host: 8 x 2 GiB fits in 64 GiB
+    inputs_only = compose(_offloaded_8b(tmp_path, "train.host_mem_gib=64", "launcher=torchrun",
+                                        "launcher.nproc_per_node=8", "strategy=ddp", "train.checkpoint_layers=null"))
+    assert memory.predict(inputs_only).host_bytes == pytest.approx(32 * 2 * 4 * 2048 * 4096)
+    assert not _host_does_not_fit(inputs_only)
+    # nothing offloaded, nothing checked
+    assert memory.predict(compose([*_offloaded_8b(tmp_path), "train.offload_activations=false"])).host_bytes == 0
+
+
+def test_host_memory_must_be_positive(output_root: Path) -> None:
+    done = run_cli("train.host_mem_gib=0", "dry_run=true", f"output_root={output_root}")
+    assert done.returncode == 2 and "[train.host_mem_gib]" in done.stderr and "Traceback" not in done.stderr

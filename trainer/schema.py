@@ -303,6 +303,9 @@ class TrainLoop:
     # side stream and brought back one layer ahead during backward (trainer/offload.py): a checkpointed layer's
     # input, all of an un-checkpointed layer's saved activations (no recompute). Needs CUDA.
     offload_activations: bool = False
+    # Host memory of one node in GiB, against which the pinned memory of offload_activations is checked (every
+    # process of the node keeps its own). Null: what this machine has available; a Slurm job's is not known.
+    host_mem_gib: Optional[float] = None
     # Memory of one GPU in GiB, for the memory rule where it cannot be detected (a login node) or to
     # check against a smaller GPU. Null: this machine's GPUs (none: no check), or launcher.slurm.gpu_mem_gib.
     gpu_mem_gib: Optional[float] = None

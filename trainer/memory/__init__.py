@@ -280,6 +280,7 @@ class Prediction:
     target_source: str = ""
     assumptions: List[str] = field(default_factory=list)
     calibration: Calibration = CALIBRATION
+    host_bytes: float = 0.0  # pinned host memory per GPU of train.offload_activations (trainer/memory/host.py)
 
     @property
     def static_bytes(self) -> float:
@@ -370,6 +371,7 @@ class Prediction:
             "allocator_overhead": cal.allocator_overhead,
             "cuda_context_gib": cal.cuda_context_gib,
             "needed_per_gpu_gib": round(self.needed_bytes / GIB, 3),
+            **({"pinned_host_per_gpu_gib": round(self.host_bytes / GIB, 3)} if self.host_bytes else {}),
             "gpu_memory_gib": self.target_gib,
             "compared_with": self.target_source,
             "verdict": self.verdict(),
@@ -718,7 +720,7 @@ def _predict(x: Inputs, checkpointed: int, resolved: Any, auto_note: str) -> Pre
         known=True, shape_source=x.shape_source, shape=s.describe(), device=x.device, dtype=x.dtype, world=world,
         strategy=strategy, tokens=act.tokens, layers=layers, checkpointed=checkpointed, checkpoint_layers=resolved,
         auto=auto_note, static=static, phases=phases, target_gib=x.target_gib, target_source=x.target_source,
-        assumptions=notes + act.notes,
+        assumptions=notes + act.notes, host_bytes=act.host if x.do_train else 0.0,
     )
 
 
@@ -760,6 +762,7 @@ class _Activations:
     backward: List[Term]
     eval: List[Term]
     notes: List[str]
+    host: float = 0.0  # pinned host bytes per GPU that train.offload_activations keeps (trainer/offload.py)
 
 
 def layer_tensors(x: Inputs, tokens: int, batch: int, seq: int) -> Tuple[float, float, float, List[str]]:
@@ -881,6 +884,7 @@ def _activations(x: Inputs, checkpointed: int) -> _Activations:
     mask = x.packing and x.packed_rows and x.attn in ("sdpa", "eager")
     held = checkpointed * ckpt
     held_name = f"checkpointed layer inputs ({checkpointed} of {L} layers)"
+    host = 0.0
     if x.offload_activations and checkpointed:
         # trainer/offload.py: each input goes to pinned host memory as the forward pass makes it and comes back
         # one layer ahead in backward, so two are on the GPU at a time. What bnb 8-bit holds on its autograd
@@ -888,6 +892,7 @@ def _activations(x: Inputs, checkpointed: int) -> _Activations:
         moved = c * N * H
         held = checkpointed * (ckpt - moved) + min(checkpointed, 2) * moved
         held_name += ", offloaded: 2 on the GPU at a time"
+        host += checkpointed * moved
         notes.append(f"activation offload: {checkpointed * moved / GIB:.2f} GiB of layer inputs per GPU in pinned "
                      "host memory")
     plain_held, plain_name = plain * full, f"activations of un-checkpointed layers ({plain} x {full / GIB:.3f} GiB)"
@@ -898,6 +903,7 @@ def _activations(x: Inputs, checkpointed: int) -> _Activations:
         on_ctx = ckpt - c * N * H
         plain_held = min(plain, 2) * full + (plain - min(plain, 2)) * on_ctx
         plain_name += ", offloaded: 2 on the GPU at a time"
+        host += plain * (full - on_ctx)
         notes.append(f"activation offload: {plain * full / GIB:.2f} GiB of un-checkpointed layers' activations per "
                      "GPU in pinned host memory")
     kept = [Term(held_name, held), Term(plain_name, plain_held)]
@@ -958,7 +964,7 @@ def _activations(x: Inputs, checkpointed: int) -> _Activations:
     if mask:
         evals.append(Term("eval packed attention mask and its bias", x.eval_batch * seq * seq * (1 + c)))
     return _Activations(tokens=N, kept=kept, kept_bwd=kept_bwd, model_fwd=model_fwd, model_bwd=model_bwd,
-                        loss=loss, backward=backward, eval=evals, notes=notes)
+                        loss=loss, backward=backward, eval=evals, notes=notes, host=host)
 
 
 # ---- fixes: the cheapest changes that make a run fit -------------------------------------------------------

@@ -3,9 +3,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Dict, Optional
 
-from trainer.memory import GIB, Inputs, Prediction, fixes, predict, predict_with_inputs, valid_checkpoint_layers
+from trainer.memory import (
+    GIB,
+    Inputs,
+    Prediction,
+    fixes,
+    predict,
+    predict_inputs,
+    predict_with_inputs,
+    valid_checkpoint_layers,
+)
+from trainer.memory.host import HOST_SHARE, host_target, ranks_per_node
 from trainer.rules import error, warning
 
 #
@@ -53,6 +64,37 @@ def _fixes_or_why(p: Prediction, x: Optional[Inputs]) -> str:
         return f"no fixes computed (internal error in trainer.memory: {type(err).__name__}: {err})"
 
 
+def _host_does_not_fit(cfg: Any) -> bool:
+    """train.offload_activations: the node's processes together pin more than HOST_SHARE of its memory."""
+    p = predict(cfg)
+    if not p.known or not p.host_bytes:
+        return False
+    target, _ = host_target(cfg)
+    return target is not None and p.host_bytes * ranks_per_node(cfg) > HOST_SHARE * target * GIB
+
+
+def _host_details(cfg: Any) -> Dict[str, Any]:
+    p, x = predict_with_inputs(cfg)
+    target, source = host_target(cfg)
+    ranks = ranks_per_node(cfg)
+    # With every layer checkpointed only the layer inputs go to the host.
+    inputs_only = predict_inputs(dataclasses.replace(x, checkpoint_layers=None)).host_bytes if x else 0.0
+    return {
+        "per_gpu": f"{p.host_bytes / GIB:.1f}",
+        "total": f"{p.host_bytes * ranks / GIB:.1f}",
+        "ranks": ranks,
+        "share": f"{HOST_SHARE:.0%}",
+        "target": f"{target:g}" if target is not None else "?",
+        "source": source,
+        "inputs_only": f"{inputs_only / GIB:.1f}",
+    }
+
+
+def _bad_host_mem(cfg: Any) -> bool:
+    value = cfg.train.host_mem_gib
+    return value is not None and not value > 0
+
+
 def _bad_gpu_mem(cfg: Any) -> bool:
     return any(v is not None and not v > 0 for v in (cfg.train.gpu_mem_gib, cfg.launcher.slurm.gpu_mem_gib))
 
@@ -76,6 +118,23 @@ RULES = [
         "GPU memory must be a positive number of GiB, not train.gpu_mem_gib={cfg.train.gpu_mem_gib} / "
         "launcher.slurm.gpu_mem_gib={cfg.launcher.slurm.gpu_mem_gib}.",
         "set it to the memory of one GPU, e.g. train.gpu_mem_gib=80, or leave it null.",
+    ),
+    error(
+        "train.host_mem_gib",
+        ["train"],
+        _bad_host_mem,
+        "host memory must be a positive number of GiB, not train.host_mem_gib={cfg.train.host_mem_gib}.",
+        "set it to the memory of one node, e.g. train.host_mem_gib=512, or leave it null.",
+    ),
+    error(
+        "memory.host_offload",
+        MEMORY_GROUPS,
+        _host_does_not_fit,
+        "train.offload_activations=true keeps {per_gpu} GiB per GPU in pinned host memory, {total} GiB for the "
+        "{ranks} process(es) of a node, more than {share} of its {target} GiB of host memory ({source}).",
+        "set train.checkpoint_layers=null (only the layer inputs go to the host: {inputs_only} GiB per GPU) or "
+        "train.offload_activations=false; train.host_mem_gib=N if the node that trains has more.",
+        details=_host_details,
     ),
     error(
         "memory.fits",

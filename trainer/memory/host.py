@@ -1,0 +1,62 @@
+"""Host memory for train.offload_activations: every process of a node keeps its pinned buffers in that node's RAM.
+
+The memory model predicts the pinned bytes per GPU (Prediction.host_bytes); this module says what they are
+checked against (train.host_mem_gib, or what this machine has available when the run trains here) and how many
+processes share one node. Pinned memory cannot be swapped: a node that runs out of it kills processes rather
+than slowing down, so a run that would not fit is refused before it starts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+from trainer.memory import GIB
+
+# The share of the host's memory pinned buffers may take; the rest is the data loader's, the page cache's and
+# the processes' own.
+HOST_SHARE = 0.9
+
+
+def available_gib() -> Optional[float]:
+    """MemAvailable of this machine in GiB (Linux), or None where /proc/meminfo does not say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 / GIB
+    except OSError:
+        return None
+    return None
+
+
+def host_target(cfg: Any) -> Tuple[Optional[float], str]:
+    """The host memory of one node the pinned buffers are checked against, and where that figure comes from."""
+    if cfg.train.host_mem_gib is not None:
+        return float(cfg.train.host_mem_gib), "train.host_mem_gib"
+    if _launcher(cfg) == "slurm":
+        return None, "a Slurm node's memory is not this machine's; set train.host_mem_gib"
+    found = available_gib()
+    if found is None:
+        return None, "this machine does not report its available memory; set train.host_mem_gib"
+    return found, "available on this machine"
+
+
+def ranks_per_node(cfg: Any) -> int:
+    """Processes on one node: one per GPU under torchrun / Slurm, one in-process."""
+    from trainer.env import accelerators
+    from trainer.layout import nproc_per_node
+
+    launcher = _launcher(cfg)
+    if launcher == "slurm":
+        return max(int(cfg.launcher.slurm.gpus_per_node), 1)
+    if launcher == "local":
+        return 1
+    try:
+        return max(int(nproc_per_node(cfg, accelerators().gpus)), 1)
+    except (TypeError, ValueError):
+        return 1  # the launcher.nproc_per_node rule refuses the value
+
+
+def _launcher(cfg: Any) -> str:
+    name = cfg.launcher.name
+    return str(getattr(name, "value", name))

@@ -295,9 +295,10 @@ class TrainLoop:
     max_grad_norm: float = 1.0
     max_seq_len: int = 512
     gradient_checkpointing: bool = True
-    # Null: every decoder layer is checkpointed; N: only the first N (memory buys back recompute); auto: the
-    # fewest that fit the GPU with a 10% margin, decided at plan time (trainer/memory.py). Any, because a
-    # structured config has no Union: the rule train.checkpoint_layers refuses every other value.
+    # Null: every decoder layer is checkpointed; N: only the first N (memory buys back recompute), or with
+    # offload_activations N spread through the stack; auto: the fewest that fit the GPU with a 10% margin
+    # (with offload_activations: half), decided at plan time (trainer/memory). Any, because a structured
+    # config has no Union: the rule train.checkpoint_layers refuses every other value.
     checkpoint_layers: Any = None
     # What the decoder layers keep for backward lives in pinned host memory instead of GPU memory, copied on a
     # side stream and brought back one layer ahead during backward (trainer/offload.py): a checkpointed layer's

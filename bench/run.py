@@ -215,6 +215,7 @@ def main(argv: List[str] | None = None) -> int:
         args.warmup, args.steps = 1, 2
     if args.trajectory:
         args.steps = TRAJECTORY_STEPS - args.warmup
+    dropout = args.dropout if args.dropout is not None else (0.0 if args.trajectory else None)
     names = args.items.split(",")
     unknown = [n for n in names if n not in ITEMS]
     if unknown:
@@ -243,8 +244,7 @@ def main(argv: List[str] | None = None) -> int:
                           "batch": spec["batch"],
                           "variants": variants_for(name, args)})
         common = {"checkpoint": str(checkpoint), "items": items, "warmup": args.warmup, "steps": args.steps,
-                  "workdir": str(workdir), **({"dropout": 0.0} if args.trajectory else {}),
-                  **({"dropout": args.dropout} if args.dropout is not None else {})}
+                  "workdir": str(workdir), **({"dropout": dropout} if dropout is not None else {})}
         for side in sides:
             results += run_side({**common, "side": side}, out / "logs", deadline)
             (out / "results.json").write_text(json.dumps(results, indent=1))

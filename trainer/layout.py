@@ -24,10 +24,19 @@ def nproc_per_node(cfg: Any, gpus: int) -> int:
     return int(value)
 
 
-def world_size(cfg: Any, gpus: int) -> int:
+def ranks_per_node(cfg: Any, gpus: int) -> int:
+    """Processes on one node: one in-process, one per GPU under torchrun or Slurm."""
     launcher = cfg.launcher.name.value
     if launcher == "local":
         return 1
     if launcher == "slurm":
-        return cfg.launcher.slurm.nodes * max(cfg.launcher.slurm.gpus_per_node, 1)
-    return nproc_per_node(cfg, gpus) * cfg.launcher.nnodes
+        return max(cfg.launcher.slurm.gpus_per_node, 1)
+    return nproc_per_node(cfg, gpus)
+
+
+def world_size(cfg: Any, gpus: int) -> int:
+    launcher = cfg.launcher.name.value
+    if launcher == "local":
+        return 1
+    nodes = cfg.launcher.slurm.nodes if launcher == "slurm" else cfg.launcher.nnodes
+    return nodes * ranks_per_node(cfg, gpus)

@@ -230,10 +230,6 @@ class ActivationOffloader:
             item.back = None
 
 
-# The name this module's callers and tests used before un-checkpointed layers could be offloaded too.
-LayerInputOffloader = ActivationOffloader
-
-
 def _tensors(value: Any) -> Iterator[Any]:
     import torch
 

@@ -33,7 +33,7 @@ def host_target(cfg: Any) -> Tuple[Optional[float], str]:
     """The host memory of one node the pinned buffers are checked against, and where that figure comes from."""
     if cfg.train.host_mem_gib is not None:
         return float(cfg.train.host_mem_gib), "train.host_mem_gib"
-    if _launcher(cfg) == "slurm":
+    if cfg.launcher.name.value == "slurm":
         return None, "a Slurm node's memory is not this machine's; set train.host_mem_gib"
     found = available_gib()
     if found is None:
@@ -42,21 +42,11 @@ def host_target(cfg: Any) -> Tuple[Optional[float], str]:
 
 
 def ranks_per_node(cfg: Any) -> int:
-    """Processes on one node: one per GPU under torchrun / Slurm, one in-process."""
+    """Processes on one node (trainer.layout), 1 where launcher.nproc_per_node is a value its rule refuses."""
     from trainer.env import accelerators
-    from trainer.layout import nproc_per_node
+    from trainer.layout import ranks_per_node as per_node
 
-    launcher = _launcher(cfg)
-    if launcher == "slurm":
-        return max(int(cfg.launcher.slurm.gpus_per_node), 1)
-    if launcher == "local":
-        return 1
     try:
-        return max(int(nproc_per_node(cfg, accelerators().gpus)), 1)
+        return max(int(per_node(cfg, accelerators().gpus)), 1)
     except (TypeError, ValueError):
-        return 1  # the launcher.nproc_per_node rule refuses the value
-
-
-def _launcher(cfg: Any) -> str:
-    name = cfg.launcher.name
-    return str(getattr(name, "value", name))
+        return 1

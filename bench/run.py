@@ -200,7 +200,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", default=[], help="ITEMS:NAME:OVERRIDES (repeatable)")
     parser.add_argument("--trajectory", action="store_true",
                         help=f"{TRAJECTORY_STEPS} steps per row with LoRA dropout 0 on every side; qforge's training "
-                             f"loss must stay within {LOSS_TOLERANCE:.0%} of the baseline's at every step")
+                             f"loss must stay within {LOSS_TOLERANCE * 100:g}%% of the baseline's at every step")
     parser.add_argument("--dropout", type=float, default=None,
                         help="LoRA dropout of the baseline and qforge sides (default 0.05; --trajectory: 0)")
     parser.add_argument("--warmup", type=int, default=3)

@@ -9,9 +9,10 @@ gpu-marked test at the end, run on the GPU machine.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Set, Tuple
+from typing import Any, Dict, List, Set, Tuple, Union
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def tiny_model_dir() -> Path:
 
 
 def _grads(model_dir: Path, offloader: Any = None, keep: int = 99,
-           plain: bool = False) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Set[int]]:
+           plain: Union[bool, int] = False) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Set[int]]:
     """The loss, the gradients, and the storages of the model's parameters."""
     from transformers import AutoModelForCausalLM
 
@@ -44,7 +45,9 @@ def _grads(model_dir: Path, offloader: Any = None, keep: int = 99,
         layer.gradient_checkpointing = index < keep  # as trainer/speed.py's partial checkpointing does
     if offloader is not None:
         wrapped = offload_checkpointed_layers(model, offloader, plain_layers=plain)
-        assert wrapped == (len(layers) if plain else min(keep, len(layers)))
+        checkpointed = min(keep, len(layers))
+        offloaded = (len(layers) - checkpointed) if plain is True else min(int(plain), len(layers) - checkpointed)
+        assert wrapped == checkpointed + offloaded
     ids = torch.randint(5, 800, (2, 24), generator=torch.Generator().manual_seed(1))
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -90,6 +93,41 @@ def test_un_checkpointed_layers_offload_everything_they_save_and_train_the_same(
         assert len({i.host.data_ptr() for i in group.items}) == len(group.items)
     assert all(s.unpacked and s.users == 0 for s in offloader.saved)
     assert not {i.source for i in offloader.saved} & parameters  # no weight went to the host
+
+
+def test_layers_past_offload_layers_keep_their_activations_on_the_gpu_and_train_the_same(
+        tiny_model_dir: Path) -> None:
+    """train.offload_layers=1 with one layer checkpointed: layer 0 recomputes, layer 1 offloads whole, the last
+    ones are left alone (nothing of theirs is packed)."""
+    loss, grads, _ = _grads(tiny_model_dir, keep=1)
+    offloader = ActivationOffloader(min_bytes=0, simulate=True)
+    offloaded_loss, offloaded_grads, _ = _grads(tiny_model_dir, offloader, keep=1, plain=1)
+    assert torch.equal(offloaded_loss, loss)
+    for name, grad in grads.items():
+        assert torch.equal(offloaded_grads[name], grad), name
+    assert TinyArch().num_hidden_layers > 2
+    layer_input = 2 * 24 * TinyArch().hidden_size
+    assert len(offloader.groups) == 2  # the checkpointed layer and the one offloaded whole; no group for the rest
+    assert [g.items[0].host.numel() for g in offloader.groups[:1]] == [layer_input]
+    assert sum(i.host.numel() for i in offloader.groups[1].items) > 4 * layer_input
+
+
+def test_partial_checkpointing_spreads_the_checkpointed_layers_over_the_offloaded_region(
+        tiny_model_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from trainer.offload import decoder_layers
+    from trainer.speed import _partial_checkpointing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    layers = decoder_layers(model)
+    count = len(layers)
+    for offload_layers, expected in ((None, spread(1, count)), (1, spread(1, 2) + [False] * (count - 2))):
+        for layer in layers:
+            layer.gradient_checkpointing = True
+        _partial_checkpointing(1, spread_out=True, offload_layers=offload_layers).on_train_begin(
+            None, None, None, model=model)
+        assert [layer.gradient_checkpointing for layer in layers] == expected
 
 
 def test_the_checkpointed_layers_are_spread_among_the_offloaded_ones() -> None:
@@ -154,17 +192,82 @@ def test_the_memory_model_keeps_two_offloaded_un_checkpointed_layers_on_the_gpu(
     assert moved.phase_bytes("forward end (loss)") < kept.phase_bytes("forward end (loss)") - 20 * 2**30
 
 
-def test_auto_under_offload_recomputes_half_the_layers_and_offloads_the_rest(tmp_path: Path) -> None:
+def _auto_8b(tmp_path: Path, gpu_mem_gib: float) -> Any:
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    return memory.predict(compose(
+        ["model=local", f"model.name_or_path={tmp_path}", "train.max_seq_len=2048", "train.batch_size=4",
+         "do_eval=false", "quant=bnb4", "train.checkpoint_layers=auto", "train.offload_activations=true",
+         f"train.gpu_mem_gib={gpu_mem_gib}"]), device="cuda")
+
+
+def test_the_offload_ladder_needs_no_more_memory_at_each_rung(tmp_path: Path) -> None:
+    ladder = memory.offload_ladder(32)
+    assert ladder[0] == (0, 0) and ladder[-1] == (32, 0) and len(set(ladder)) == len(ladder)
+    assert all(c + o <= 32 and o <= 16 for c, o in ladder)
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    _, x = memory.predict_with_inputs(compose(
+        ["model=local", f"model.name_or_path={tmp_path}", "train.max_seq_len=2048", "train.batch_size=4",
+         "do_eval=false", "quant=bnb4", "train.offload_activations=true", "train.checkpoint_layers=8"]),
+        device="cuda")
+    assert x is not None
+    needed = [memory.predict_inputs(dataclasses.replace(x, checkpoint_layers=c, offload_layers=o)).needed_bytes
+              for c, o in ladder]
+    assert all(later <= earlier + 1 for earlier, later in zip(needed, needed[1:]))
+    assert needed[0] > needed[-1] + 20 * 2**30  # every layer kept vs every layer checkpointed
+
+
+def test_auto_under_offload_keeps_what_fits_then_offloads_then_recomputes(tmp_path: Path) -> None:
+    roomy = _auto_8b(tmp_path, 80)  # everything fits on the GPU: no copies, no recompute
+    assert (roomy.checkpoint_layers, roomy.offload_layers) == (0, 0) and "32 of 32 layers keep" in roomy.auto
+    middle = _auto_8b(tmp_path, 20)  # some kept, half the stack offloaded, the rest recomputed
+    kept = 32 - middle.checkpoint_layers - middle.offload_layers
+    assert middle.offload_layers == 16 and 0 < kept < 16 and middle.checkpoint_layers == 16 - kept
+    assert middle.needed_bytes <= 0.9 * 20 * 2**30
+    assert _auto_8b(tmp_path, 19).checkpoint_layers > middle.checkpoint_layers  # less memory, more recompute
+    tight = _auto_8b(tmp_path, 12)  # nothing kept: half recomputes, half offloads (bench/RESULTS.md, run 6)
+    assert (tight.checkpoint_layers, tight.offload_layers) == (16, 16) and "offload them" in tight.auto
+    # a card too small even for everything checkpointed keeps the usual refusal
+    tiny = _auto_8b(tmp_path, 4)
+    assert tiny.checkpoint_layers is None and "even with every layer checkpointed" in tiny.auto
+
+
+def test_the_memory_model_counts_the_layers_that_keep_their_activations(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
     base = ["model=local", f"model.name_or_path={tmp_path}", "train.max_seq_len=2048", "train.batch_size=4",
-            "do_eval=false", "quant=bnb4", "train.checkpoint_layers=auto", "train.gpu_mem_gib=80"]
-    kept = memory.predict(compose(base), device="cuda")
-    moved = memory.predict(compose([*base, "train.offload_activations=true"]), device="cuda")
-    assert kept.checkpoint_layers is None or kept.checkpoint_layers < 16  # 80 GiB: memory buys back recompute
-    assert moved.checkpoint_layers == 16 and "offload their activations" in moved.auto
-    # a card too small even for everything checkpointed keeps the usual refusal
-    tiny = memory.predict(compose([*base, "train.offload_activations=true", "train.gpu_mem_gib=4"]), device="cuda")
-    assert tiny.checkpoint_layers is None and "even with every layer checkpointed" in tiny.auto
+            "do_eval=false", "quant=bnb4", "train.checkpoint_layers=8", "train.offload_activations=true"]
+    every = memory.predict(compose(base), device="cuda")
+    some = memory.predict(compose([*base, "train.offload_layers=10"]), device="cuda")
+    kept_layers = memory.predict(compose(["model=local", f"model.name_or_path={tmp_path}", "train.max_seq_len=2048",
+                                          "train.batch_size=4", "do_eval=false", "quant=bnb4",
+                                          "train.checkpoint_layers=8"]), device="cuda")
+
+    def plain_layers(prediction: Any) -> float:
+        phase = next(p for p in prediction.phases if p.name == "forward end (loss)")
+        return next(t.bytes for t in phase.terms if "un-checkpointed" in t.name)
+
+    per_layer = plain_layers(kept_layers) / 24
+    assert plain_layers(some) == pytest.approx((14 + 2) * per_layer)  # 14 kept, 2 of the 10 offloaded in flight
+    assert plain_layers(every) == pytest.approx(2 * per_layer)
+    assert some.offload_layers == 10 and every.offload_layers == 24
+    assert some.host_bytes == pytest.approx(every.host_bytes - 14 * per_layer)  # bnb4 keeps nothing on a ctx
+
+
+@pytest.mark.parametrize("overrides, problem", [
+    (["train.offload_layers=4"], "train.offload_activations is false"),
+    (["train.offload_activations=true", "train.offload_layers=4", "train.checkpoint_layers=auto"],
+     "chooses how many layers offload as well"),
+    (["train.offload_activations=true", "train.offload_layers=4"], "every decoder layer is checkpointed"),
+    (["train.offload_activations=true", "train.offload_layers=-1", "train.checkpoint_layers=1"],
+     "must be null or a number of layers"),
+    (["train.offload_activations=true", "train.offload_layers=9", "train.checkpoint_layers=1"],
+     "is more than the"),
+])
+def test_offload_layers_that_cannot_be_honoured_are_refused(output_root: Path, overrides: List[str],
+                                                            problem: str) -> None:
+    done = run_cli(*overrides, "dry_run=true", f"output_root={output_root}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "[train.offload_layers]" in done.stderr and problem in done.stderr
+    assert not output_root.exists()
 
 
 @pytest.mark.gpu
@@ -191,7 +294,7 @@ def test_offload_on_gpu_trains_the_same_in_less_memory(output_root: Path, layers
 def _offloaded_8b(tmp_path: Path, *extra: str) -> List[str]:
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
     return ["model=local", f"model.name_or_path={tmp_path}", "quant=bnb4", "train.max_seq_len=2048",
-            "train.batch_size=4", "do_eval=false", "train.gpu_mem_gib=80", "train.offload_activations=true",
+            "train.batch_size=4", "do_eval=false", "train.gpu_mem_gib=12", "train.offload_activations=true",
             "train.checkpoint_layers=auto", *extra]
 
 

@@ -11,6 +11,8 @@ Two kinds of layer, one mechanism (torch's saved-tensor hooks, a side CUDA strea
   host-link traffic, which pays for as many layers as the link can carry while the others compute
   (train.checkpoint_layers sets how many layers recompute; with offload they are spread among the others, so that
   each copy overlaps a recomputing layer's work rather than queueing behind the last one).
+- train.offload_layers=N offloads only the first N un-checkpointed layers: the last ones keep their activations on
+  the GPU (no copies, no recompute), which is fastest where memory allows; checkpoint_layers=auto picks the split.
 
 Copies to the host start as the forward pass saves each tensor (the GPU copy is freed once the copy has read it);
 the forward pass stalls the GPU, never the CPU, if the copies fall two layers behind. In backward, a layer's
@@ -25,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 log = logging.getLogger(__name__)
 
@@ -259,19 +261,22 @@ def decoder_layers(model: Any) -> List[Any]:
 
 
 def offload_checkpointed_layers(model: Any, offloader: Optional[ActivationOffloader] = None,
-                                plain_layers: bool = False) -> int:
-    """Put the hooks on every decoder layer that checkpoints (and, plain_layers, on every one that does not);
-    returns how many layers were wrapped."""
+                                plain_layers: Union[bool, int] = False) -> int:
+    """Put the hooks on every decoder layer that checkpoints and, plain_layers, on the un-checkpointed ones too
+    (True: every one; a number N: the first N of them in the stack, so the last ones keep their activations on the
+    GPU, where backward needs them first); returns how many layers were wrapped."""
     offloader = offloader or ActivationOffloader()
     wrapped = 0
+    plain_left = len(decoder_layers(model)) if plain_layers is True else int(plain_layers)
     for module in decoder_layers(model):
         if getattr(module, "_qforge_offloaded", False):
             continue
         if getattr(module, "gradient_checkpointing", False) \
                 and getattr(module, "_gradient_checkpointing_func", None) is not None:
             module._gradient_checkpointing_func = offloader.wrap(module._gradient_checkpointing_func)
-        elif plain_layers:
+        elif plain_left > 0:
             offloader.wrap_layer(module)
+            plain_left -= 1
         else:
             continue
         module._qforge_offloaded = True

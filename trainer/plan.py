@@ -70,7 +70,8 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
     strat = chosen(cfg).plan(cfg, device=device, compute_dtype=dtype, world_size=size,
                              decoder_layer=families.DECODER_LAYERS[model.family])
     memory = predict(cfg)
-    speed = speed_spec(cfg, checkpoint_layers=_checkpoint_layers(cfg, memory))
+    speed = speed_spec(cfg, checkpoint_layers=_checkpoint_layers(cfg, memory),
+                       offload_layers=_offload_layers(cfg, memory))
     return RunPlan(
         run_dir=run_dir,
         run_name=cfg.run_name or os.path.basename(run_dir),
@@ -126,6 +127,17 @@ def _checkpoint_layers(cfg: Any, memory: Any) -> Optional[int]:
     if value != "auto":
         return None if value is None else int(value)
     return memory.checkpoint_layers if memory.known else None
+
+
+def _offload_layers(cfg: Any, memory: Any) -> Optional[int]:
+    """train.offload_layers as a number (None: every un-checkpointed layer); with checkpoint_layers=auto, the
+    memory model's choice."""
+    if not cfg.train.offload_activations:
+        return None
+    if cfg.train.checkpoint_layers == "auto":
+        return memory.offload_layers if memory.known else None
+    value = cfg.train.offload_layers
+    return None if value is None else int(value)
 
 
 def _model_spec(cfg: Any, dtype: str, device: str) -> ModelSpec:

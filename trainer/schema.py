@@ -304,6 +304,11 @@ class TrainLoop:
     # side stream and brought back one layer ahead during backward (trainer/offload.py): a checkpointed layer's
     # input, all of an un-checkpointed layer's saved activations (no recompute). Needs CUDA.
     offload_activations: bool = False
+    # With offload_activations: how many of the un-checkpointed layers move everything they save to the host; the
+    # others (the last ones of the stack) keep it on the GPU, with neither copies nor recompute. Null: all of them,
+    # or, with checkpoint_layers=auto, the memory model's choice (as many kept as fit, then offloaded, then
+    # checkpointed). Any for the same reason as checkpoint_layers: the rule train.offload_layers checks it.
+    offload_layers: Any = None
     # Host memory of one node in GiB, against which the pinned memory of offload_activations is checked (every
     # process of the node keeps its own). Null: what this machine has available; a Slurm job's is not known.
     host_mem_gib: Optional[float] = None

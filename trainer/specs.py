@@ -67,8 +67,10 @@ class SpeedSpec:
     liger: str  # "on", "off", or "auto" (on with CUDA and liger-kernel installed)
     gradient_checkpointing: bool
     checkpoint_layers: Optional[int]  # None: every decoder layer
-    offload_activations: bool  # checkpointed layers' inputs kept in pinned host memory (trainer/offload.py)
+    offload_activations: bool  # what the decoder layers save goes to pinned host memory (trainer/offload.py)
     tokens_per_step: int  # batch x max_seq_len, for fused_lora=auto
+    # Under offload: how many un-checkpointed layers offload all they save (None: every one); the last ones keep it.
+    offload_layers: Optional[int] = None
 
 
 @dataclass

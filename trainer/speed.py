@@ -26,8 +26,9 @@ VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 # ---- plan time (no torch): what the run will do ----
 
-def speed_spec(cfg: Any, checkpoint_layers: Optional[int]) -> SpeedSpec:
-    """checkpoint_layers: train.checkpoint_layers as the plan resolved it (auto by the memory model)."""
+def speed_spec(cfg: Any, checkpoint_layers: Optional[int], offload_layers: Optional[int] = None) -> SpeedSpec:
+    """checkpoint_layers, offload_layers: train.checkpoint_layers and train.offload_layers as the plan resolved
+    them (auto by the memory model)."""
     from trainer.strategies import chosen
 
     strat = chosen(cfg)
@@ -41,6 +42,7 @@ def speed_spec(cfg: Any, checkpoint_layers: Optional[int]) -> SpeedSpec:
         gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
         checkpoint_layers=checkpoint_layers,
         offload_activations=bool(cfg.train.offload_activations),
+        offload_layers=offload_layers if cfg.train.offload_activations else None,
         tokens_per_step=int(cfg.train.batch_size) * int(cfg.train.max_seq_len),
     )
 
@@ -137,13 +139,14 @@ def callbacks(speed: SpeedSpec) -> List[Any]:
     """Trainer callbacks the speed settings need (partial checkpointing, then offloading what it keeps)."""
     found: List[Any] = []
     if speed.gradient_checkpointing and speed.checkpoint_layers is not None:
-        found.append(_partial_checkpointing(speed.checkpoint_layers, spread_out=speed.offload_activations))
+        found.append(_partial_checkpointing(speed.checkpoint_layers, spread_out=speed.offload_activations,
+                                            offload_layers=speed.offload_layers))
     if speed.offload_activations:
-        found.append(_offload_activations())
+        found.append(_offload_activations(speed.offload_layers))
     return found
 
 
-def _offload_activations() -> Any:
+def _offload_activations(offload_layers: Optional[int]) -> Any:
     from transformers import TrainerCallback
 
     class OffloadActivations(TrainerCallback):
@@ -154,14 +157,17 @@ def _offload_activations() -> Any:
 
             layers = decoder_layers(model)
             checkpointed = sum(bool(getattr(m, "gradient_checkpointing", False)) for m in layers)
-            wrapped = offload_checkpointed_layers(model, plain_layers=True)
+            wrapped = offload_checkpointed_layers(model, plain_layers=True if offload_layers is None
+                                                  else offload_layers)
+            kept = len(layers) - wrapped
             log.info("activation offload: %d decoder layers keep their input in host memory (checkpointed), "
-                     "%d all their saved activations (no recompute)", checkpointed, wrapped - checkpointed)
+                     "%d all their saved activations (no recompute)%s", checkpointed, wrapped - checkpointed,
+                     f", the last {kept} keep theirs on the GPU" if kept else "")
 
     return OffloadActivations()
 
 
-def _partial_checkpointing(keep: int, spread_out: bool = False) -> Any:
+def _partial_checkpointing(keep: int, spread_out: bool = False, offload_layers: Optional[int] = None) -> Any:
     from transformers import TrainerCallback
 
     class PartialCheckpointing(TrainerCallback):
@@ -169,8 +175,9 @@ def _partial_checkpointing(keep: int, spread_out: bool = False) -> Any:
 
         The Trainer switches checkpointing on for every layer just before on_train_begin; memory left
         over after the speed pass buys back the recompute (a third of the FLOPs) of the later layers.
-        spread_out (activation offload): the checkpointed layers are spread evenly among the others, so that
-        each offloaded layer's copies overlap a recomputing layer's extra work (trainer/offload.py).
+        spread_out (activation offload): the checkpointed layers are spread evenly among the offloaded ones, so
+        that each offloaded layer's copies overlap a recomputing layer's extra work (trainer/offload.py); with
+        offload_layers, the layers after the first keep + offload_layers are neither (they keep their activations).
         """
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -178,7 +185,11 @@ def _partial_checkpointing(keep: int, spread_out: bool = False) -> Any:
 
             layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")
                       and type(m).__name__.endswith("DecoderLayer")]
-            chosen = spread(keep, len(layers)) if spread_out else [index < keep for index in range(len(layers))]
+            if spread_out:
+                region = len(layers) if offload_layers is None else min(keep + offload_layers, len(layers))
+                chosen = spread(keep, region) + [False] * (len(layers) - region)
+            else:
+                chosen = [index < keep for index in range(len(layers))]
             for layer, checkpointed in zip(layers, chosen):
                 layer.gradient_checkpointing = checkpointed
             log.info("gradient checkpointing: %d of %d decoder layers%s", sum(chosen), len(layers),

@@ -144,6 +144,9 @@ class Inputs:
     # pretrained model's (INT8_OUTLIER_SHARE); bench/memory_bench.py passes what it measured on its checkpoint.
     int8_outlier_share: float = INT8_OUTLIER_SHARE
     offload_activations: bool = False  # train.offload_activations: checkpointed layer inputs in host memory
+    # train.offload_layers under offload: how many un-checkpointed layers move all they save to the host (None:
+    # all of them); the others keep it on the GPU. Decided here with checkpoint_layers=auto.
+    offload_layers: Optional[int] = None
 
 
 def _value(x: Any) -> Any:
@@ -224,7 +227,18 @@ def inputs_from_cfg(cfg: Any, device: Optional[str] = None, packed_rows: Optiona
         device_map_auto=model.device_map is not None,
         target_gib=target, target_source=target_source,
         offload_activations=bool(train.offload_activations) and device == "cuda",
+        offload_layers=_offload_layers(train) if train.offload_activations and device == "cuda" else None,
     )
+
+
+def _offload_layers(train: Any) -> Optional[int]:
+    value = train.offload_layers
+    return value if valid_offload_layers(value) and value is not None else None
+
+
+def valid_offload_layers(value: Any) -> bool:
+    """null (every un-checkpointed layer) or a non-negative number of layers."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
 
 
 def valid_checkpoint_layers(value: Any) -> bool:
@@ -273,6 +287,7 @@ class Prediction:
     layers: int = 0
     checkpointed: int = 0
     checkpoint_layers: Any = None  # resolved: None = every layer, else the first N layers
+    offload_layers: Optional[int] = None  # resolved, under offload: un-checkpointed layers offloaded whole
     auto: str = ""
     static: List[Term] = field(default_factory=list)
     phases: List[Phase] = field(default_factory=list)
@@ -363,6 +378,8 @@ class Prediction:
             "strategy": self.strategy,
             "tokens_per_micro_batch": self.tokens,
             "checkpointed_layers": f"{self.checkpointed} of {self.layers}",
+            **({"offloaded_layers": f"{self.offload_layers} of {self.layers}"}
+               if self.offload_layers is not None else {}),
             **({"checkpoint_layers_auto": self.auto} if self.auto else {}),
             "breakdown_gib": {t.name: round(t.gib, 3) for t in self.breakdown()},
             "peak_phase": phase.name if phase else "",
@@ -434,15 +451,7 @@ def predict_inputs(x: Inputs) -> Prediction:
         return _predict(x, layers, None, f"even with every layer checkpointed the run needs more than "
                                          f"{(1 - MARGIN) * x.target_gib:.1f} GiB")
     if x.offload_activations:
-        # Offloaded, un-checkpointed layers hold two layers' worth of GPU memory whatever their number: memory
-        # does not bound them, the host link does (each moves ~10x a checkpointed layer's bytes). Half the layers
-        # recomputing and half offloading was the fastest split measured on an H200 at 8k and 16k tokens per step
-        # (bench/RESULTS.md, run 6), so that is auto's choice under offload.
-        half = layers - layers // 2
-        found = _predict(x, half, half, "")
-        note = (f"{half} of {layers} layers checkpointed, {layers - half} offload their activations to host memory "
-                f"(train.offload_activations): needs {_g(found.needed_bytes)} of {x.target_gib:g} GiB")
-        return dataclasses.replace(found, checkpoint_layers=half, auto=note)
+        return _auto_under_offload(x, budget)
     # needed() never grows with more checkpointed layers: bisect for the fewest that fit.
     low, high = 0, layers
     while low < high:
@@ -455,6 +464,52 @@ def predict_inputs(x: Inputs) -> Prediction:
     note = (f"{low} of {layers} layers checkpointed, {layers - low} keep their activations: needs "
             f"{_g(found.needed_bytes)} of {x.target_gib:g} GiB, keeping a {MARGIN:.0%} margin")
     return dataclasses.replace(found, checkpoint_layers=None if low >= layers else low, auto=note)
+
+
+def offload_ladder(layers: int) -> List[Tuple[int, int]]:
+    """Splits of the stack under offload, fastest first, as (checkpointed, offloaded whole); the rest are kept.
+
+    Each rung needs no more GPU memory than the one before: a kept layer (its activations on the GPU, no copies,
+    no recompute) first becomes an offloaded one (on the host, no recompute; offloaded layers hold two layers on
+    the GPU whatever their number) while at most half the stack is offloaded, since past about half the host link
+    is what the step waits for (bench/RESULTS.md, run 6); then kept layers become checkpointed ones (recompute,
+    only the input on the host), then offloaded ones do.
+    """
+    half = layers - layers // 2
+    rungs = [(0, o) for o in range(0, half + 1)]  # kept -> offloaded
+    rungs += [(c, half) for c in range(1, layers - half + 1)]  # kept -> checkpointed
+    rungs += [(layers - o, o) for o in range(half - 1, -1, -1)]  # offloaded -> checkpointed
+    return rungs
+
+
+def _auto_under_offload(x: Inputs, budget: float) -> Prediction:
+    """checkpoint_layers=auto with train.offload_activations: the fastest rung of offload_ladder that fits."""
+    layers = x.shape.layers if x.shape else 0
+    rungs = offload_ladder(layers)
+
+    def prediction(rung: Tuple[int, int]) -> Prediction:
+        checkpointed, offloaded = rung
+        return _predict(dataclasses.replace(x, offload_layers=offloaded), checkpointed, checkpointed, "")
+
+    # memory never grows down the ladder: bisect for the first rung that fits (the last one, every layer
+    # checkpointed, was found to fit by the caller)
+    low, high = 0, len(rungs) - 1
+    while low < high:
+        middle = (low + high) // 2
+        if prediction(rungs[middle]).needed_bytes <= budget:
+            high = middle
+        else:
+            low = middle + 1
+    checkpointed, offloaded = rungs[low]
+    found = prediction(rungs[low])
+    kept = layers - checkpointed - offloaded
+    parts = [f"{kept} of {layers} layers keep their activations on the GPU"] if kept else []
+    parts += [f"{offloaded} offload them to host memory"] if offloaded else []
+    parts += [f"{checkpointed} are checkpointed (their input offloaded)"] if checkpointed else []
+    note = (", ".join(parts) + f" (train.offload_activations): needs {_g(found.needed_bytes)} of "
+            f"{x.target_gib:g} GiB, keeping a {MARGIN:.0%} margin")
+    return dataclasses.replace(found, checkpoint_layers=None if checkpointed >= layers else checkpointed,
+                               offload_layers=offloaded, auto=note)
 
 
 def _bytes(dtype: str) -> int:
@@ -719,6 +774,7 @@ def _predict(x: Inputs, checkpointed: int, resolved: Any, auto_note: str) -> Pre
     return Prediction(
         known=True, shape_source=x.shape_source, shape=s.describe(), device=x.device, dtype=x.dtype, world=world,
         strategy=strategy, tokens=act.tokens, layers=layers, checkpointed=checkpointed, checkpoint_layers=resolved,
+        offload_layers=offloaded_layers(x, checkpointed) if x.offload_activations else None,
         auto=auto_note, static=static, phases=phases, target_gib=x.target_gib, target_source=x.target_source,
         assumptions=notes + act.notes, host_bytes=act.host if x.do_train else 0.0,
     )
@@ -872,6 +928,14 @@ def _fused_ce(x: Inputs) -> bool:
     return x.fused_ce and x.strategy not in NO_FUSED_CE_STRATEGIES and x.peft != "full"
 
 
+def offloaded_layers(x: Inputs, checkpointed: int) -> int:
+    """How many un-checkpointed layers offload everything they save (train.offload_layers, at most all of them)."""
+    if not x.offload_activations or x.shape is None:
+        return 0
+    plain = x.shape.layers - checkpointed
+    return plain if x.offload_layers is None else min(x.offload_layers, plain)
+
+
 def _activations(x: Inputs, checkpointed: int) -> _Activations:
     s = x.shape
     assert s is not None
@@ -896,16 +960,19 @@ def _activations(x: Inputs, checkpointed: int) -> _Activations:
         notes.append(f"activation offload: {checkpointed * moved / GIB:.2f} GiB of layer inputs per GPU in pinned "
                      "host memory")
     plain_held, plain_name = plain * full, f"activations of un-checkpointed layers ({plain} x {full / GIB:.3f} GiB)"
-    if x.offload_activations and plain:
+    offloaded = offloaded_layers(x, checkpointed)
+    if offloaded:
         # trainer/offload.py: an un-checkpointed layer's saved tensors go to the host too; in backward the layer
         # computing and the one prefetched are on the GPU (and in forward the copies may lag by as much).
         # What bnb 8-bit holds on its autograd ctx (the part of a checkpointed layer beyond its input) stays.
+        # The layers that keep theirs (train.offload_layers < the un-checkpointed ones) are the last ones.
         on_ctx = ckpt - c * N * H
-        plain_held = min(plain, 2) * full + (plain - min(plain, 2)) * on_ctx
-        plain_name += ", offloaded: 2 on the GPU at a time"
-        host += plain * (full - on_ctx)
-        notes.append(f"activation offload: {plain * full / GIB:.2f} GiB of un-checkpointed layers' activations per "
-                     "GPU in pinned host memory")
+        on_gpu = plain - offloaded
+        plain_held = (on_gpu + min(offloaded, 2)) * full + (offloaded - min(offloaded, 2)) * on_ctx
+        plain_name += f", {offloaded} offloaded: 2 of them on the GPU at a time"
+        host += offloaded * (full - on_ctx)
+        notes.append(f"activation offload: {offloaded * full / GIB:.2f} GiB of un-checkpointed layers' activations "
+                     "per GPU in pinned host memory")
     kept = [Term(held_name, held), Term(plain_name, plain_held)]
     # The backward pass at its worst: the last layer's backward with every layer's activations still held,
     # or the recompute of the last checkpointed layer (the un-checkpointed layers are done by then).

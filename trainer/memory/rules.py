@@ -15,6 +15,7 @@ from trainer.memory import (
     predict_inputs,
     predict_with_inputs,
     valid_checkpoint_layers,
+    valid_offload_layers,
 )
 from trainer.memory.host import HOST_SHARE, host_target, ranks_per_node
 from trainer.rules import error, warning
@@ -90,6 +91,32 @@ def _host_details(cfg: Any) -> Dict[str, Any]:
     }
 
 
+def _offload_layers_problem(cfg: Any) -> str:
+    """What is wrong with train.offload_layers, or "" (null is always fine)."""
+    train = cfg.train
+    value = train.offload_layers
+    if value is None:
+        return ""
+    if not valid_offload_layers(value):
+        return f"train.offload_layers must be null or a number of layers, not {value}"
+    if not train.offload_activations:
+        return "train.offload_layers says how many layers offload their activations, and train.offload_activations " \
+               "is false"
+    if train.checkpoint_layers == "auto":
+        return "train.checkpoint_layers=auto chooses how many layers offload as well, so train.offload_layers " \
+               f"={value} cannot be honoured beside it"
+    if train.gradient_checkpointing and train.checkpoint_layers is None:
+        return "every decoder layer is checkpointed (train.checkpoint_layers=null), so no layer is left to " \
+               "offload whole"
+    p = predict(cfg)
+    checkpointed = int(train.checkpoint_layers) if train.gradient_checkpointing and \
+        valid_checkpoint_layers(train.checkpoint_layers) else 0
+    if p.known and value > max(p.layers - checkpointed, 0):
+        return f"train.offload_layers={value} is more than the {max(p.layers - checkpointed, 0)} layers of " \
+               f"{p.layers} that are not checkpointed (train.checkpoint_layers={checkpointed})"
+    return ""
+
+
 def _bad_host_mem(cfg: Any) -> bool:
     value = cfg.train.host_mem_gib
     return value is not None and not value > 0
@@ -110,6 +137,16 @@ RULES = [
         "not {cfg.train.checkpoint_layers}.",
         "set train.checkpoint_layers=null, a number such as 8 (the first 8 decoder layers are checkpointed), "
         "or auto (the fewest that fit the GPU's memory).",
+    ),
+    error(
+        "train.offload_layers",
+        ["train"],
+        lambda cfg: bool(_offload_layers_problem(cfg)),
+        "{problem}.",
+        "set train.offload_layers=null (every un-checkpointed layer offloads), or give it with "
+        "train.offload_activations=true and a number for train.checkpoint_layers, e.g. train.checkpoint_layers=8 "
+        "train.offload_layers=12 (8 recompute, 12 offload, the rest keep their activations).",
+        details=lambda cfg: {"problem": _offload_layers_problem(cfg)},
     ),
     error(
         "train.gpu_mem_gib",

@@ -97,8 +97,8 @@ def test_un_checkpointed_layers_offload_everything_they_save_and_train_the_same(
 
 def test_layers_past_offload_layers_keep_their_activations_on_the_gpu_and_train_the_same(
         tiny_model_dir: Path) -> None:
-    """train.offload_layers=1 with one layer checkpointed: layer 0 recomputes, layer 1 offloads whole, the last
-    ones are left alone (nothing of theirs is packed)."""
+    """train.offload_layers=1 with one layer checkpointed: layer 0 recomputes, one of the other three offloads
+    whole (the middle one: spread among them), the other two are left alone (nothing of theirs is packed)."""
     loss, grads, _ = _grads(tiny_model_dir, keep=1)
     offloader = ActivationOffloader(min_bytes=0, simulate=True)
     offloaded_loss, offloaded_grads, _ = _grads(tiny_model_dir, offloader, keep=1, plain=1)
@@ -112,22 +112,20 @@ def test_layers_past_offload_layers_keep_their_activations_on_the_gpu_and_train_
     assert sum(i.host.numel() for i in offloader.groups[1].items) > 4 * layer_input
 
 
-def test_partial_checkpointing_spreads_the_checkpointed_layers_over_the_offloaded_region(
+def test_the_layers_offloaded_whole_are_spread_among_those_that_keep_their_activations(
         tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     from trainer.offload import decoder_layers
-    from trainer.speed import _partial_checkpointing
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     layers = decoder_layers(model)
-    count = len(layers)
-    for offload_layers, expected in ((None, spread(1, count)), (1, spread(1, 2) + [False] * (count - 2))):
-        for layer in layers:
-            layer.gradient_checkpointing = True
-        _partial_checkpointing(1, spread_out=True, offload_layers=offload_layers).on_train_begin(
-            None, None, None, model=model)
-        assert [layer.gradient_checkpointing for layer in layers] == expected
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index == 0
+    assert offload_checkpointed_layers(model, ActivationOffloader(simulate=True), plain_layers=1) == 2
+    # layer 0 checkpoints; of layers 1-3 the middle one offloads whole, the two around it keep theirs
+    assert [bool(getattr(layer, "_qforge_offloaded", False)) for layer in layers] == [True, False, True, False]
 
 
 def test_the_checkpointed_layers_are_spread_among_the_offloaded_ones() -> None:
@@ -271,10 +269,14 @@ def test_offload_layers_that_cannot_be_honoured_are_refused(output_root: Path, o
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layers", [[], ["train.checkpoint_layers=1"]], ids=["checkpointed", "mostly-offloaded"])
-def test_offload_on_gpu_trains_the_same_in_less_memory(output_root: Path, layers: List[str]) -> None:
+@pytest.mark.parametrize("layers, offload_only", [([], []), (["train.checkpoint_layers=1"], []),
+                                                  (["train.checkpoint_layers=1"], ["train.offload_layers=2"])],
+                         ids=["checkpointed", "mostly-offloaded", "one-kept"])
+def test_offload_on_gpu_trains_the_same_in_less_memory(output_root: Path, layers: List[str],
+                                                       offload_only: List[str]) -> None:
     """On CUDA: the same losses as without offloading, and a lower peak (the side stream and prefetch path);
-    with one layer of four checkpointed, the other three offload everything they save."""
+    with one layer of four checkpointed, the other three offload everything they save (or two do, and one keeps
+    its activations on the GPU)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     common = ["train.max_steps=6", "train.logging_steps=1", "do_eval=false", "train.max_seq_len=512",
@@ -282,8 +284,8 @@ def test_offload_on_gpu_trains_the_same_in_less_memory(output_root: Path, layers
     results = {}
     for offload in ("false", "true"):
         out = output_root / offload
-        done = run_cli(*common, f"train.offload_activations={offload}", f"output_root={out}",
-                       env={"CUDA_VISIBLE_DEVICES": "0"})
+        done = run_cli(*common, f"train.offload_activations={offload}", *(offload_only if offload == "true" else []),
+                       f"output_root={out}", env={"CUDA_VISIBLE_DEVICES": "0"})
         assert done.returncode == 0, done.stderr[-3000:]
         results[offload] = json.loads((only_run_dir(out) / "metrics.json").read_text())
     losses = {k: [e["loss"] for e in m["log_history"] if "loss" in e] for k, m in results.items()}

@@ -11,8 +11,9 @@ Two kinds of layer, one mechanism (torch's saved-tensor hooks, a side CUDA strea
   host-link traffic, which pays for as many layers as the link can carry while the others compute
   (train.checkpoint_layers sets how many layers recompute; with offload they are spread among the others, so that
   each copy overlaps a recomputing layer's work rather than queueing behind the last one).
-- train.offload_layers=N offloads only the first N un-checkpointed layers: the last ones keep their activations on
-  the GPU (no copies, no recompute), which is fastest where memory allows; checkpoint_layers=auto picks the split.
+- train.offload_layers=N offloads only N of the un-checkpointed layers, spread among them: the others keep their
+  activations on the GPU (no copies, no recompute), which is fastest where memory allows; checkpoint_layers=auto
+  picks the split.
 
 Copies to the host start as the forward pass saves each tensor (the GPU copy is freed once the copy has read it);
 the forward pass stalls the GPU, never the CPU, if the copies fall two layers behind. In backward, a layer's
@@ -263,20 +264,27 @@ def decoder_layers(model: Any) -> List[Any]:
 def offload_checkpointed_layers(model: Any, offloader: Optional[ActivationOffloader] = None,
                                 plain_layers: Union[bool, int] = False) -> int:
     """Put the hooks on every decoder layer that checkpoints and, plain_layers, on the un-checkpointed ones too
-    (True: every one; a number N: the first N of them in the stack, so the last ones keep their activations on the
-    GPU, where backward needs them first); returns how many layers were wrapped."""
+    (True: every one; a number N: N of them spread evenly among the others, which keep their activations on the
+    GPU: each layer that copies nothing gives the host link a layer's compute to catch up); returns how many
+    layers were wrapped."""
     offloader = offloader or ActivationOffloader()
+    layers = decoder_layers(model)
+
+    def checkpoints(module: Any) -> bool:
+        return bool(getattr(module, "gradient_checkpointing", False)) \
+            and getattr(module, "_gradient_checkpointing_func", None) is not None
+
+    plain = [m for m in layers if not checkpoints(m)]
+    moved = [True] * len(plain) if plain_layers is True else spread(int(plain_layers), len(plain))
+    offloaded_plain = {id(m) for m, chosen in zip(plain, moved) if chosen}
     wrapped = 0
-    plain_left = len(decoder_layers(model)) if plain_layers is True else int(plain_layers)
-    for module in decoder_layers(model):
+    for module in layers:
         if getattr(module, "_qforge_offloaded", False):
             continue
-        if getattr(module, "gradient_checkpointing", False) \
-                and getattr(module, "_gradient_checkpointing_func", None) is not None:
+        if checkpoints(module):
             module._gradient_checkpointing_func = offloader.wrap(module._gradient_checkpointing_func)
-        elif plain_left > 0:
+        elif id(module) in offloaded_plain:
             offloader.wrap_layer(module)
-            plain_left -= 1
         else:
             continue
         module._qforge_offloaded = True

@@ -139,8 +139,7 @@ def callbacks(speed: SpeedSpec) -> List[Any]:
     """Trainer callbacks the speed settings need (partial checkpointing, then offloading what it keeps)."""
     found: List[Any] = []
     if speed.gradient_checkpointing and speed.checkpoint_layers is not None:
-        found.append(_partial_checkpointing(speed.checkpoint_layers, spread_out=speed.offload_activations,
-                                            offload_layers=speed.offload_layers))
+        found.append(_partial_checkpointing(speed.checkpoint_layers, spread_out=speed.offload_activations))
     if speed.offload_activations:
         found.append(_offload_activations(speed.offload_layers))
     return found
@@ -162,12 +161,12 @@ def _offload_activations(offload_layers: Optional[int]) -> Any:
             kept = len(layers) - wrapped
             log.info("activation offload: %d decoder layers keep their input in host memory (checkpointed), "
                      "%d all their saved activations (no recompute)%s", checkpointed, wrapped - checkpointed,
-                     f", the last {kept} keep theirs on the GPU" if kept else "")
+                     f", {kept} keep theirs on the GPU" if kept else "")
 
     return OffloadActivations()
 
 
-def _partial_checkpointing(keep: int, spread_out: bool = False, offload_layers: Optional[int] = None) -> Any:
+def _partial_checkpointing(keep: int, spread_out: bool = False) -> Any:
     from transformers import TrainerCallback
 
     class PartialCheckpointing(TrainerCallback):
@@ -176,8 +175,8 @@ def _partial_checkpointing(keep: int, spread_out: bool = False, offload_layers: 
         The Trainer switches checkpointing on for every layer just before on_train_begin; memory left
         over after the speed pass buys back the recompute (a third of the FLOPs) of the later layers.
         spread_out (activation offload): the checkpointed layers are spread evenly among the offloaded ones, so
-        that each offloaded layer's copies overlap a recomputing layer's extra work (trainer/offload.py); with
-        offload_layers, the layers after the first keep + offload_layers are neither (they keep their activations).
+        that each offloaded layer's copies overlap a recomputing layer's extra work (trainer/offload.py); the
+        offload callback then spreads the layers that keep their activations among the rest.
         """
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -186,8 +185,7 @@ def _partial_checkpointing(keep: int, spread_out: bool = False, offload_layers: 
             layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")
                       and type(m).__name__.endswith("DecoderLayer")]
             if spread_out:
-                region = len(layers) if offload_layers is None else min(keep + offload_layers, len(layers))
-                chosen = spread(keep, region) + [False] * (len(layers) - region)
+                chosen = spread(keep, len(layers))
             else:
                 chosen = [index < keep for index in range(len(layers))]
             for layer, checkpointed in zip(layers, chosen):

@@ -336,3 +336,41 @@ def test_the_host_check_counts_every_process_of_a_node(tmp_path: Path) -> None:
 def test_host_memory_must_be_positive(output_root: Path) -> None:
     done = run_cli("train.host_mem_gib=0", "dry_run=true", f"output_root={output_root}")
     assert done.returncode == 2 and "[train.host_mem_gib]" in done.stderr and "Traceback" not in done.stderr
+
+
+def _slurm_8b(tmp_path: Path, *extra: str) -> List[str]:
+    """An 8B-shaped run planned for one GPU of a Slurm node (the plan is for CUDA, though this machine has none)."""
+    import shutil
+
+    from trainer.assets import __file__ as assets_init
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(Path(assets_init).parent / "tokenizer" / name, tmp_path / name)
+    return ["model=local", f"model.name_or_path={tmp_path}", "quant=bnb4", "train.max_seq_len=2048",
+            "train.batch_size=4", "do_eval=false", "launcher=slurm", "launcher.slurm.gpus_per_node=1",
+            "train.offload_activations=true", *extra]
+
+
+def test_the_plan_carries_the_split_auto_chose_to_the_ranks(tmp_path: Path) -> None:
+    from trainer.plan import build_plan
+
+    plan = build_plan(compose(_slurm_8b(tmp_path, "train.checkpoint_layers=auto", "launcher.slurm.gpu_mem_gib=20")))
+    expected = memory.predict(compose(_slurm_8b(tmp_path, "train.checkpoint_layers=auto",
+                                                "launcher.slurm.gpu_mem_gib=20")))
+    assert (plan.speed.checkpoint_layers, plan.speed.offload_layers) == \
+        (expected.checkpoint_layers, expected.offload_layers)
+    assert plan.speed.offload_layers == 16 and 0 < plan.speed.checkpoint_layers < 16
+    assert plan.memory["offloaded_layers"] == "16 of 32" and "keep their activations" in \
+        plan.memory["checkpoint_layers_auto"]
+    by_hand = build_plan(compose(_slurm_8b(tmp_path, "train.checkpoint_layers=4", "train.offload_layers=12")))
+    assert (by_hand.speed.checkpoint_layers, by_hand.speed.offload_layers) == (4, 12)
+
+
+def test_a_split_that_does_not_fit_is_refused_with_auto_as_a_fix(tmp_path: Path, output_root: Path) -> None:
+    done = run_cli(*_slurm_8b(tmp_path, "train.checkpoint_layers=0", "train.offload_layers=8",
+                              "launcher.slurm.gpu_mem_gib=24"), "dry_run=true", f"output_root={output_root}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "[memory.fits]" in done.stderr
+    assert "train.checkpoint_layers=auto train.offload_layers=null" in done.stderr
+    assert not output_root.exists()

@@ -1061,9 +1061,16 @@ def _moves(x: Inputs, p: Prediction) -> List[Fix]:
     if x.do_train and x.fused_lora is False and x.peft in ("lora", "pissa") \
             and x.strategy not in NO_FUSED_LORA_STRATEGIES:
         moves.append(Fix("fused_lora", "train.fused_lora=null", r(x, fused_lora=None)))
+    if x.do_train and x.offload_activations and x.gradient_checkpointing and x.checkpoint_layers != "auto":
+        # under offload, auto keeps, offloads and recomputes layers in the fastest split that fits
+        moves.append(Fix("ckpt", "let qforge choose the split of kept / offloaded / recomputed layers "
+                                 "(train.checkpoint_layers=auto" + (" train.offload_layers=null)" if x.offload_layers
+                                                                     is not None else ")"),
+                         r(x, checkpoint_layers="auto", offload_layers=None)))
     if x.do_train and (not x.gradient_checkpointing or p.checkpointed < s.layers):
-        moves.append(Fix("ckpt", "checkpoint all layers (train.checkpoint_layers=null)",
-                         r(x, gradient_checkpointing=True, checkpoint_layers=None)))
+        unset = " train.offload_layers=null" if x.offload_layers is not None else ""
+        moves.append(Fix("ckpt", f"checkpoint all layers (train.checkpoint_layers=null{unset})",
+                         r(x, gradient_checkpointing=True, checkpoint_layers=None, offload_layers=None)))
     # train.offload_activations is not offered: what it saves on the GPU it needs in host memory on every rank,
     # which the plan cannot see (a login node plans for the compute nodes).
     if x.do_train and x.batch > 1:

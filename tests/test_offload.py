@@ -95,7 +95,7 @@ def test_un_checkpointed_layers_offload_everything_they_save_and_train_the_same(
     assert not {i.source for i in offloader.saved} & parameters  # no weight went to the host
 
 
-def test_layers_past_offload_layers_keep_their_activations_on_the_gpu_and_train_the_same(
+def test_layers_not_among_offload_layers_keep_their_activations_on_the_gpu_and_train_the_same(
         tiny_model_dir: Path) -> None:
     """train.offload_layers=1 with one layer checkpointed: layer 0 recomputes, one of the other three offloads
     whole (the middle one: spread among them), the other two are left alone (nothing of theirs is packed)."""
@@ -195,7 +195,7 @@ def _auto_8b(tmp_path: Path, gpu_mem_gib: float) -> Any:
     return memory.predict(compose(
         ["model=local", f"model.name_or_path={tmp_path}", "train.max_seq_len=2048", "train.batch_size=4",
          "do_eval=false", "quant=bnb4", "train.checkpoint_layers=auto", "train.offload_activations=true",
-         f"train.gpu_mem_gib={gpu_mem_gib}"]), device="cuda")
+         f"train.gpu_mem_gib={gpu_mem_gib}", "train.host_mem_gib=512"]), device="cuda")
 
 
 def test_the_offload_ladder_needs_no_more_memory_at_each_rung(tmp_path: Path) -> None:
@@ -223,7 +223,8 @@ def test_auto_under_offload_keeps_what_fits_then_offloads_then_recomputes(tmp_pa
     assert middle.needed_bytes <= 0.9 * 20 * 2**30
     assert _auto_8b(tmp_path, 19).checkpoint_layers > middle.checkpoint_layers  # less memory, more recompute
     tight = _auto_8b(tmp_path, 12)  # nothing kept: half recomputes, half offloads (bench/RESULTS.md, run 6)
-    assert (tight.checkpoint_layers, tight.offload_layers) == (16, 16) and "offload them" in tight.auto
+    assert (tight.checkpoint_layers, tight.offload_layers) == (16, 16)
+    assert "16 of 32 layers offload all their" in tight.auto
     # a card too small even for everything checkpointed keeps the usual refusal
     tiny = _auto_8b(tmp_path, 4)
     assert tiny.checkpoint_layers is None and "even with every layer checkpointed" in tiny.auto
@@ -289,6 +290,8 @@ def test_offload_on_gpu_trains_the_same_in_less_memory(output_root: Path, layers
         done = run_cli(*common, f"train.offload_activations={offload}", *(offload_only if offload == "true" else []),
                        f"output_root={out}", env={"CUDA_VISIBLE_DEVICES": "0"})
         assert done.returncode == 0, done.stderr[-3000:]
+        if offload == "true" and offload_only:  # the split the plan asked for is the one the hooks made
+            assert "5 all their saved activations (no recompute), 2 keep theirs on the GPU" in done.stderr
         results[offload] = json.loads((only_run_dir(out) / "metrics.json").read_text())
     losses = {k: [e["loss"] for e in m["log_history"] if "loss" in e] for k, m in results.items()}
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-3)
@@ -306,7 +309,8 @@ def test_offload_that_would_not_fit_in_host_memory_is_refused_before_anything_ru
                                                                                     output_root: Path) -> None:
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    done = run_cli(*_offloaded_8b(model_dir, "train.host_mem_gib=8"), "dry_run=true", f"output_root={output_root}")
+    done = run_cli(*_offloaded_8b(model_dir, "train.host_mem_gib=8", "train.checkpoint_layers=16"), "dry_run=true",
+                   f"output_root={output_root}")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "[memory.host_offload]" in done.stderr and "pinned host memory" in done.stderr
     assert "train.checkpoint_layers=null (only the layer inputs go to the host" in done.stderr
@@ -317,13 +321,21 @@ def test_the_host_check_counts_every_process_of_a_node(tmp_path: Path) -> None:
     from trainer.memory.host import ranks_per_node
     from trainer.memory.rules import _host_does_not_fit
 
-    one = compose(_offloaded_8b(tmp_path, "train.host_mem_gib=64"))
+    split = "train.checkpoint_layers=16"  # the other 16 offloaded whole
+    one = compose(_offloaded_8b(tmp_path, "train.host_mem_gib=64", split))
     per_gpu = memory.predict(one).host_bytes
     assert 4 * 2**30 < per_gpu < 32 * 2**30  # 16 layers offloaded whole, 16 inputs
     assert not _host_does_not_fit(one)
     eight = compose(_offloaded_8b(tmp_path, "train.host_mem_gib=64", "launcher=torchrun",
-                                  "launcher.nproc_per_node=8", "strategy=ddp"))
+                                  "launcher.nproc_per_node=8", "strategy=ddp", split))
     assert ranks_per_node(eight) == 8 and _host_does_not_fit(eight)
+    # auto counts the node's host memory too: with 8 processes it offloads fewer layers whole, and fits
+    auto = memory.predict(compose(_offloaded_8b(tmp_path, "train.host_mem_gib=64", "launcher=torchrun",
+                                                "launcher.nproc_per_node=8", "strategy=ddp")))
+    assert auto.host_bytes * 8 <= 0.9 * 64 * 2**30 < per_gpu * 8
+    assert auto.offload_layers < 16 and "pinned host memory" in auto.auto
+    assert not _host_does_not_fit(compose(_offloaded_8b(tmp_path, "train.host_mem_gib=64", "launcher=torchrun",
+                                                        "launcher.nproc_per_node=8", "strategy=ddp")))
     # with every layer checkpointed only the inputs go to the host: 8 x 2 GiB fits in 64 GiB
     inputs_only = compose(_offloaded_8b(tmp_path, "train.host_mem_gib=64", "launcher=torchrun",
                                         "launcher.nproc_per_node=8", "strategy=ddp", "train.checkpoint_layers=null"))
@@ -374,3 +386,35 @@ def test_a_split_that_does_not_fit_is_refused_with_auto_as_a_fix(tmp_path: Path,
     assert "[memory.fits]" in done.stderr
     assert "train.checkpoint_layers=auto train.offload_layers=null" in done.stderr
     assert not output_root.exists()
+
+
+def test_the_callbacks_checkpoint_and_offload_the_layers_the_plan_says(tiny_model_dir: Path) -> None:
+    """From the SpeedSpec to the hooks: 1 of 4 layers checkpointed (the middle of the stack), 1 of the other three
+    offloaded whole (the middle one of them), 2 keep their activations."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.offload import decoder_layers
+    from trainer.specs import SpeedSpec
+    from trainer.speed import callbacks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    speed = SpeedSpec(packing=True, flatten_packed_rows=False, fused_cross_entropy=True, fused_lora="off",
+                      liger="off", gradient_checkpointing=True, checkpoint_layers=1, offload_activations=True,
+                      tokens_per_step=64, offload_layers=1)
+    for callback in callbacks(speed):
+        callback.on_train_begin(None, None, None, model=model)
+    layers = decoder_layers(model)
+    assert [bool(layer.gradient_checkpointing) for layer in layers] == [False, False, True, False]
+    assert [bool(getattr(layer, "_qforge_offloaded", False)) for layer in layers] == [False, True, True, False]
+
+
+def test_offload_layers_without_checkpointing_is_accepted(tmp_path: Path) -> None:
+    from trainer.validate import validate
+
+    off = ["train.offload_activations=true", "train.gradient_checkpointing=false"]
+    assert validate(compose([*off, "train.offload_layers=3"])).ok  # 3 of the tiny model's 4 layers
+    too_many = [v for v in validate(compose([*off, "train.offload_layers=5"])).errors
+                if v.rule_id == "train.offload_layers"]
+    assert len(too_many) == 1 and "than the 4 layers of 4 that are not checkpointed (gradient checkpointing is off)" \
+        in too_many[0].message

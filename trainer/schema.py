@@ -297,7 +297,8 @@ class TrainLoop:
     gradient_checkpointing: bool = True
     # Null: every decoder layer is checkpointed; N: only the first N (memory buys back recompute), or with
     # offload_activations N spread through the stack; auto: the fewest that fit the GPU with a 10% margin
-    # (with offload_activations: half), decided at plan time (trainer/memory). Any, because a structured
+    # (with offload_activations: with offload_layers, the fastest split of kept / offloaded / checkpointed layers
+    # that fits GPU and host memory), decided at plan time (trainer/memory). Any, because a structured
     # config has no Union: the rule train.checkpoint_layers refuses every other value.
     checkpoint_layers: Any = None
     # What the decoder layers keep for backward lives in pinned host memory instead of GPU memory, copied on a
@@ -305,7 +306,7 @@ class TrainLoop:
     # input, all of an un-checkpointed layer's saved activations (no recompute). Needs CUDA.
     offload_activations: bool = False
     # With offload_activations: how many of the un-checkpointed layers move everything they save to the host; the
-    # others (the last ones of the stack) keep it on the GPU, with neither copies nor recompute. Null: all of them,
+    # others (spread among them) keep it on the GPU, with neither copies nor recompute. Null: all of them,
     # or, with checkpoint_layers=auto, the memory model's choice (as many kept as fit, then offloaded, then
     # checkpointed). Any for the same reason as checkpoint_layers: the rule train.offload_layers checks it.
     offload_layers: Any = None

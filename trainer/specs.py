@@ -69,7 +69,7 @@ class SpeedSpec:
     checkpoint_layers: Optional[int]  # None: every decoder layer
     offload_activations: bool  # what the decoder layers save goes to pinned host memory (trainer/offload.py)
     tokens_per_step: int  # batch x max_seq_len, for fused_lora=auto
-    # Under offload: how many un-checkpointed layers offload all they save (None: every one); the last ones keep it.
+    # Under offload: how many un-checkpointed layers offload all they save (None: every one); the others keep it.
     offload_layers: Optional[int] = None
 
 

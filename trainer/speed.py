@@ -176,7 +176,8 @@ def _partial_checkpointing(keep: int, spread_out: bool = False) -> Any:
         over after the speed pass buys back the recompute (a third of the FLOPs) of the later layers.
         spread_out (activation offload): the checkpointed layers are spread evenly among the offloaded ones, so
         that each offloaded layer's copies overlap a recomputing layer's extra work (trainer/offload.py); the
-        offload callback then spreads the layers that keep their activations among the rest.
+        offload callback then spreads the layers it offloads whole among the un-checkpointed ones (the others keep
+        their activations).
         """
 
         def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
@@ -191,6 +192,6 @@ def _partial_checkpointing(keep: int, spread_out: bool = False) -> Any:
             for layer, checkpointed in zip(layers, chosen):
                 layer.gradient_checkpointing = checkpointed
             log.info("gradient checkpointing: %d of %d decoder layers%s", sum(chosen), len(layers),
-                     " (spread among the offloaded ones)" if spread_out else "")
+                     " (spread through the stack)" if spread_out else "")
 
     return PartialCheckpointing()

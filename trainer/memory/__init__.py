@@ -143,7 +143,10 @@ class Inputs:
     # keeps a second time for backward. A property of the weights and data, not of the config: the default is a
     # pretrained model's (INT8_OUTLIER_SHARE); bench/memory_bench.py passes what it measured on its checkpoint.
     int8_outlier_share: float = INT8_OUTLIER_SHARE
-    offload_activations: bool = False  # train.offload_activations: checkpointed layer inputs in host memory
+    offload_activations: bool = False  # train.offload_activations: what the layers save goes to host memory
+    # Pinned host bytes one process may take under offload (HOST_SHARE of the node's memory over its processes,
+    # whole GiB so that one plan sees one figure), or None where the node's memory is not known.
+    host_budget: Optional[float] = None
     # train.offload_layers under offload: how many un-checkpointed layers move all they save to the host (None:
     # all of them); the others keep it on the GPU. Decided here with checkpoint_layers=auto.
     offload_layers: Optional[int] = None
@@ -228,7 +231,15 @@ def inputs_from_cfg(cfg: Any, device: Optional[str] = None, packed_rows: Optiona
         target_gib=target, target_source=target_source,
         offload_activations=bool(train.offload_activations) and device == "cuda",
         offload_layers=_offload_layers(train) if train.offload_activations and device == "cuda" else None,
+        host_budget=_host_budget(cfg) if train.offload_activations and device == "cuda" else None,
     )
+
+
+def _host_budget(cfg: Any) -> Optional[float]:
+    from trainer.memory.host import HOST_SHARE, host_target, ranks_per_node
+
+    target, _ = host_target(cfg)
+    return None if target is None else math.floor(HOST_SHARE * target / ranks_per_node(cfg)) * GIB
 
 
 def _offload_layers(train: Any) -> Optional[int]:
@@ -491,7 +502,7 @@ def _auto_under_offload(x: Inputs, budget: float) -> Prediction:
         checkpointed, offloaded = rung
         return _predict(dataclasses.replace(x, offload_layers=offloaded), checkpointed, checkpointed, "")
 
-    # memory never grows down the ladder: bisect for the first rung that fits (the last one, every layer
+    # GPU memory never grows down the ladder: bisect for the first rung that fits (the last one, every layer
     # checkpointed, was found to fit by the caller)
     low, high = 0, len(rungs) - 1
     while low < high:
@@ -500,14 +511,22 @@ def _auto_under_offload(x: Inputs, budget: float) -> Prediction:
             high = middle
         else:
             low = middle + 1
+    # Host memory does not fall monotonically (kept layers turning into offloaded ones add to it): from there, the
+    # first rung whose pinned bytes the node can hold too (else this one, which memory.host_offload refuses).
+    host_note = ""
+    if x.host_budget is not None:
+        fitting = next((i for i in range(low, len(rungs)) if prediction(rungs[i]).host_bytes <= x.host_budget), None)
+        if fitting is not None and fitting != low:
+            low, host_note = fitting, f", and {_g(prediction(rungs[fitting]).host_bytes)} of pinned host memory " \
+                                      f"(the node's share per process: {_g(x.host_budget)})"
     checkpointed, offloaded = rungs[low]
     found = prediction(rungs[low])
     kept = layers - checkpointed - offloaded
     parts = [f"{kept} of {layers} layers keep their activations on the GPU"] if kept else []
-    parts += [f"{offloaded} offload them to host memory"] if offloaded else []
-    parts += [f"{checkpointed} are checkpointed (their input offloaded)"] if checkpointed else []
+    parts += [f"{offloaded} of {layers} layers offload all their activations to host memory"] if offloaded else []
+    parts += [f"{checkpointed} of {layers} layers are checkpointed (their input offloaded)"] if checkpointed else []
     note = (", ".join(parts) + f" (train.offload_activations): needs {_g(found.needed_bytes)} of "
-            f"{x.target_gib:g} GiB, keeping a {MARGIN:.0%} margin")
+            f"{x.target_gib:g} GiB, keeping a {MARGIN:.0%} margin" + host_note)
     return dataclasses.replace(found, checkpoint_layers=None if checkpointed >= layers else checkpointed,
                                offload_layers=offloaded, auto=note)
 
@@ -965,7 +984,7 @@ def _activations(x: Inputs, checkpointed: int) -> _Activations:
         # trainer/offload.py: an un-checkpointed layer's saved tensors go to the host too; in backward the layer
         # computing and the one prefetched are on the GPU (and in forward the copies may lag by as much).
         # What bnb 8-bit holds on its autograd ctx (the part of a checkpointed layer beyond its input) stays.
-        # The layers that keep theirs (train.offload_layers < the un-checkpointed ones) are the last ones.
+        # The layers that keep theirs (train.offload_layers < the un-checkpointed ones) are spread among them.
         on_ctx = ckpt - c * N * H
         on_gpu = plain - offloaded
         plain_held = (on_gpu + min(offloaded, 2)) * full + (offloaded - min(offloaded, 2)) * on_ctx

@@ -79,8 +79,14 @@ def _host_details(cfg: Any) -> Dict[str, Any]:
     target, source = host_target(cfg)
     ranks = ranks_per_node(cfg)
     # With every layer checkpointed only the layer inputs go to the host.
-    inputs_only = predict_inputs(dataclasses.replace(x, checkpoint_layers=None)).host_bytes if x else 0.0
+    inputs_only = predict_inputs(dataclasses.replace(x, gradient_checkpointing=True, checkpoint_layers=None,
+                                                     offload_layers=None)).host_bytes if x else 0.0
+    train = cfg.train
+    checkpoint_all = "train.checkpoint_layers=null" + \
+        (" train.offload_layers=null" if train.offload_layers is not None else "") + \
+        ("" if train.gradient_checkpointing else " train.gradient_checkpointing=true")
     return {
+        "checkpoint_all": checkpoint_all,
         "per_gpu": f"{p.host_bytes / GIB:.1f}",
         "total": f"{p.host_bytes * ranks / GIB:.1f}",
         "ranks": ranks,
@@ -102,18 +108,20 @@ def _offload_layers_problem(cfg: Any) -> str:
     if not train.offload_activations:
         return "train.offload_layers says how many layers offload their activations, and train.offload_activations " \
                "is false"
-    if train.checkpoint_layers == "auto":
-        return "train.checkpoint_layers=auto chooses how many layers offload as well, so train.offload_layers " \
-               f"={value} cannot be honoured beside it"
+    if train.gradient_checkpointing and train.checkpoint_layers == "auto":
+        return "train.checkpoint_layers=auto chooses how many layers offload as well, so " \
+               f"train.offload_layers={value} cannot be honoured beside it"
     if train.gradient_checkpointing and train.checkpoint_layers is None:
         return "every decoder layer is checkpointed (train.checkpoint_layers=null), so no layer is left to " \
                "offload whole"
     p = predict(cfg)
-    checkpointed = int(train.checkpoint_layers) if train.gradient_checkpointing and \
-        valid_checkpoint_layers(train.checkpoint_layers) else 0
-    if p.known and value > max(p.layers - checkpointed, 0):
-        return f"train.offload_layers={value} is more than the {max(p.layers - checkpointed, 0)} layers of " \
-               f"{p.layers} that are not checkpointed (train.checkpoint_layers={checkpointed})"
+    checkpointing = train.gradient_checkpointing and valid_checkpoint_layers(train.checkpoint_layers)
+    checkpointed = int(train.checkpoint_layers) if checkpointing else 0
+    plain = max(p.layers - checkpointed, 0)
+    if p.known and value > plain:
+        why = f"train.checkpoint_layers={checkpointed}" if checkpointing else "gradient checkpointing is off"
+        return f"train.offload_layers={value} is more than the {plain} layers of {p.layers} that are not " \
+               f"checkpointed ({why})"
     return ""
 
 
@@ -140,7 +148,7 @@ RULES = [
     ),
     error(
         "train.offload_layers",
-        ["train"],
+        ["train", "model"],
         lambda cfg: bool(_offload_layers_problem(cfg)),
         "{problem}.",
         "set train.offload_layers=null (every un-checkpointed layer offloads), or give it with "
@@ -169,7 +177,7 @@ RULES = [
         _host_does_not_fit,
         "train.offload_activations=true keeps {per_gpu} GiB per GPU in pinned host memory, {total} GiB for the "
         "{ranks} process(es) of a node, more than {share} of its {target} GiB of host memory ({source}).",
-        "set train.checkpoint_layers=null (only the layer inputs go to the host: {inputs_only} GiB per GPU) or "
+        "set {checkpoint_all} (only the layer inputs go to the host: {inputs_only} GiB per GPU) or "
         "train.offload_activations=false; train.host_mem_gib=N if the node that trains has more.",
         details=_host_details,
     ),

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
-from trainer.memory import GIB
+# trainer.memory reads this module for the host budget of auto's split, so the unit is not imported from there
+GIB = 2**30
 
 # The share of the host's memory pinned buffers may take; the rest is the data loader's, the page cache's and
 # the processes' own.

@@ -42,7 +42,7 @@ def speed_spec(cfg: Any, checkpoint_layers: Optional[int], offload_layers: Optio
         gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
         checkpoint_layers=checkpoint_layers,
         offload_activations=bool(cfg.train.offload_activations),
-        offload_layers=offload_layers if cfg.train.offload_activations else None,
+        offload_layers=offload_layers,
         tokens_per_step=int(cfg.train.batch_size) * int(cfg.train.max_seq_len),
     )
 
@@ -185,10 +185,7 @@ def _partial_checkpointing(keep: int, spread_out: bool = False) -> Any:
 
             layers = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")
                       and type(m).__name__.endswith("DecoderLayer")]
-            if spread_out:
-                chosen = spread(keep, len(layers))
-            else:
-                chosen = [index < keep for index in range(len(layers))]
+            chosen = spread(keep, len(layers)) if spread_out else [index < keep for index in range(len(layers))]
             for layer, checkpointed in zip(layers, chosen):
                 layer.gradient_checkpointing = checkpointed
             log.info("gradient checkpointing: %d of %d decoder layers%s", sum(chosen), len(layers),

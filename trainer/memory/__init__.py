@@ -244,7 +244,7 @@ def _host_budget(cfg: Any) -> Optional[float]:
 
 def _offload_layers(train: Any) -> Optional[int]:
     value = train.offload_layers
-    return value if valid_offload_layers(value) and value is not None else None
+    return value if valid_offload_layers(value) else None
 
 
 def valid_offload_layers(value: Any) -> bool:
@@ -498,6 +498,7 @@ def _auto_under_offload(x: Inputs, budget: float) -> Prediction:
     layers = x.shape.layers if x.shape else 0
     rungs = offload_ladder(layers)
 
+    @functools.cache  # the bisection, the host scan and the answer ask for the same rungs
     def prediction(rung: Tuple[int, int]) -> Prediction:
         checkpointed, offloaded = rung
         return _predict(dataclasses.replace(x, offload_layers=offloaded), checkpointed, checkpointed, "")
@@ -1080,14 +1081,13 @@ def _moves(x: Inputs, p: Prediction) -> List[Fix]:
     if x.do_train and x.fused_lora is False and x.peft in ("lora", "pissa") \
             and x.strategy not in NO_FUSED_LORA_STRATEGIES:
         moves.append(Fix("fused_lora", "train.fused_lora=null", r(x, fused_lora=None)))
+    unset = " train.offload_layers=null" if x.offload_layers is not None else ""
     if x.do_train and x.offload_activations and x.gradient_checkpointing and x.checkpoint_layers != "auto":
         # under offload, auto keeps, offloads and recomputes layers in the fastest split that fits
         moves.append(Fix("ckpt", "let qforge choose the split of kept / offloaded / recomputed layers "
-                                 "(train.checkpoint_layers=auto" + (" train.offload_layers=null)" if x.offload_layers
-                                                                     is not None else ")"),
+                                 f"(train.checkpoint_layers=auto{unset})",
                          r(x, checkpoint_layers="auto", offload_layers=None)))
     if x.do_train and (not x.gradient_checkpointing or p.checkpointed < s.layers):
-        unset = " train.offload_layers=null" if x.offload_layers is not None else ""
         moves.append(Fix("ckpt", f"checkpoint all layers (train.checkpoint_layers=null{unset})",
                          r(x, gradient_checkpointing=True, checkpoint_layers=None, offload_layers=None)))
     # train.offload_activations is not offered: what it saves on the GPU it needs in host memory on every rank,

@@ -253,6 +253,9 @@ def training_args(cfg: Any, run_dir: str, device: str, dtype: str, strat: Strate
         "disable_tqdm": False,
         "logging_first_step": True,
         "include_num_input_tokens_seen": "non_padding",
+        # Its isnan/isinf check made the CPU wait for every backward to finish (trainer/step_syncs.py); a NaN or inf
+        # step loss now shows in the logged loss instead of being averaged away.
+        "logging_nan_inf_filter": False,
     }
     args.update(strat.training_args)
     if cfg.data.streaming:

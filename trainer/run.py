@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
-from trainer import checkpoints, preemption, preflight, speed
+from trainer import checkpoints, preemption, preflight, speed, step_syncs
 from trainer.data.prepare import training_data
 from trainer.errors import UserError
 from trainer.model import load_for_training, load_tokenizer
@@ -82,6 +82,8 @@ def train(plan: RunPlan, extra_callbacks: Sequence[Any] = ()) -> Dict[str, Any]:
         callbacks=callbacks,
     )
     run_loss.attach(trainer)
+    # Last: it reads the tokens-seen count back on the steps the other callbacks decided to log, save or stop at.
+    trainer.add_callback(step_syncs.install(trainer, world))
     samples = _samples(plan, train_set, tokenizer)
     if samples is not None:
         trainer.add_callback(samples)

@@ -47,6 +47,9 @@ def loss_callback(resume_from: Optional[str]) -> Any:
             self.restored = saved_loss_sum(resume_from)
             self.total = self.restored or 0.0
             self.pending: Any = 0.0  # this rank's micro-batch losses since the last optimizer step
+            # The steps' mean losses not yet added to total: kept on the device, so no step ends waiting for the GPU
+            # (trainer/step_syncs.py); read back where total is read (train_loss, on_save).
+            self.unread: Any = None
 
         def attach(self, trainer: Any) -> None:
             step = trainer.training_step
@@ -58,8 +61,14 @@ def loss_callback(resume_from: Optional[str]) -> Any:
 
             trainer.training_step = training_step
 
+        def read(self) -> float:
+            if self.unread is not None:
+                self.total += float(self.unread.item())
+                self.unread = None
+            return self.total
+
         def train_loss(self, steps: int) -> float:
-            return self.total / steps if steps > 0 else float("nan")
+            return self.read() / steps if steps > 0 else float("nan")
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             if resume_from and self.restored is None:
@@ -76,12 +85,14 @@ def loss_callback(resume_from: Optional[str]) -> Any:
             if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(step_loss)  # collective: every rank ends every optimizer step
                 step_loss /= dist.get_world_size()
-            self.total += float(step_loss.item())
+            # float64 on the device: the running sum of many steps rounds no worse than the float it replaces
+            step_loss = step_loss.double()
+            self.unread = step_loss if self.unread is None else self.unread + step_loss
             self.pending = 0.0
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and checkpoint.is_dir():
-                (checkpoint / LOSS_FILE).write_text(json.dumps({"step": state.global_step, "loss_sum": self.total}))
+                (checkpoint / LOSS_FILE).write_text(json.dumps({"step": state.global_step, "loss_sum": self.read()}))
 
     return RunLoss()

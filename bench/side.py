@@ -75,14 +75,16 @@ def probe_loss(model: Any, batch: Dict[str, Any]) -> float:
 
 
 class Meter:
-    """Step wall times (synchronised), non-padding tokens per step, peak memory, and a fixed-batch loss."""
+    """Step times (the GPU timeline between step ends on CUDA, the host clock on CPU), non-padding tokens per step,
+    peak memory, and a fixed-batch loss."""
 
     def __init__(self, pad_token_id: int, probe_batch: Optional[Dict[str, Any]], warmup: int):
         self.pad = pad_token_id
         self.probe_batch = probe_batch
         self.warmup = warmup
         self.ends: List[float] = []
-        self.tokens: List[int] = []
+        self.events: List[Any] = []
+        self.tokens: List[Any] = []  # per step; device tensors until end()
         self.pending = 0
         self.probe_loss = float("nan")
         self.peak_bytes = 0
@@ -108,7 +110,7 @@ class Meter:
     def _count(self, module: Any, args: Any, kwargs: Dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is not None and module.training:
-            self.pending += int((ids != self.pad).sum())
+            self.pending = self.pending + (ids != self.pad).sum()  # on the ids' device: read back at the end
 
     def begin(self, model: Any) -> None:
         import torch
@@ -121,6 +123,18 @@ class Meter:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         self.ends = [time.perf_counter()]
+        self.events = [self._event()]
+
+    @staticmethod
+    def _event() -> Any:
+        """A CUDA event recorded where the CPU is in the stream (no sync); None on CPU."""
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
     @staticmethod
     def _sync() -> None:
@@ -130,8 +144,11 @@ class Meter:
             torch.cuda.synchronize()
 
     def step_end(self) -> None:
-        self._sync()
+        # No sync here: a meter that waits for the GPU at every step end (as this one did up to run 7) takes from
+        # each side whatever CPU work it overlaps with the GPU's backlog (trainer/step_syncs.py). A step's time is
+        # the GPU timeline between the events recorded at consecutive step ends, idle gaps included.
         self.ends.append(time.perf_counter())
+        self.events.append(self._event())
         self.tokens.append(self.pending)
         self.pending = 0
 
@@ -140,8 +157,16 @@ class Meter:
 
         if self.hook is not None:
             self.hook.remove()
+        self._sync()
+        self.tokens = [int(t) for t in self.tokens]
         if torch.cuda.is_available():
             self.peak_bytes = torch.cuda.max_memory_allocated()
+            if all(e is not None for e in self.events):
+                # the GPU's step times (ms -> s), in place of the host clock's
+                seconds = [a.elapsed_time(b) / 1e3 for a, b in zip(self.events[:-1], self.events[1:], strict=True)]
+                self.ends = [0.0]
+                for step in seconds:
+                    self.ends.append(self.ends[-1] + step)
 
     def summary(self) -> Dict[str, Any]:
         times = [b - a for a, b in zip(self.ends[:-1], self.ends[1:], strict=True)]

@@ -6,10 +6,11 @@ import json
 import random
 from pathlib import Path
 
+import pytest
 import torch
 
 from trainer import step_syncs
-from trainer.data import IGNORE_INDEX, Example
+from trainer.data import IGNORE_INDEX, Example, ExampleDataset, PadCollator
 from trainer.packing import PackedCollator, PackedDataset
 from trainer.schema import TinyArch
 from trainer.tiny import TOKENIZER_DIR, ensure_tiny_model
@@ -43,7 +44,7 @@ class _SeenAtStepEnd:
         return Recorder()
 
 
-def _train(tmp_path: Path, name: str, lazy: bool) -> tuple:
+def _train(tmp_path: Path, name: str, lazy: bool, packed: bool) -> tuple:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
     torch.manual_seed(0)
@@ -54,8 +55,11 @@ def _train(tmp_path: Path, name: str, lazy: bool) -> tuple:
                              logging_steps=3, save_steps=4, save_strategy="steps", report_to=[], use_cpu=True,
                              include_num_input_tokens_seen="non_padding", logging_nan_inf_filter=False,
                              remove_unused_columns=False, dataloader_num_workers=0, seed=3, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=PackedDataset(_examples(60), capacity=64),
-                      data_collator=PackedCollator(pad_token_id=tokenizer.pad_token_id), processing_class=tokenizer)
+    if packed:  # rows without an attention mask: the count is the ids that are not padding
+        data, collator = PackedDataset(_examples(60), capacity=64), PackedCollator(pad_token_id=tokenizer.pad_token_id)
+    else:  # padded batches: the count is the attention mask's sum
+        data, collator = ExampleDataset(_examples(60)), PadCollator(pad_token_id=tokenizer.pad_token_id)
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collator, processing_class=tokenizer)
     if lazy:
         trainer.add_callback(step_syncs.install(trainer, world_size=1))
     recorder = _SeenAtStepEnd()
@@ -67,9 +71,10 @@ def _train(tmp_path: Path, name: str, lazy: bool) -> tuple:
     return trainer.state.num_input_tokens_seen, logged, saved["num_input_tokens_seen"], recorder.seen
 
 
-def test_lazy_token_count_matches_the_trainers_own(tmp_path: Path) -> None:
-    eager_total, eager_logged, eager_saved, eager_seen = _train(tmp_path, "eager", lazy=False)
-    lazy_total, lazy_logged, lazy_saved, lazy_seen = _train(tmp_path, "lazy", lazy=True)
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+def test_lazy_token_count_matches_the_trainers_own(tmp_path: Path, packed: bool) -> None:
+    eager_total, eager_logged, eager_saved, eager_seen = _train(tmp_path, "eager", lazy=False, packed=packed)
+    lazy_total, lazy_logged, lazy_saved, lazy_seen = _train(tmp_path, "lazy", lazy=True, packed=packed)
     assert eager_total > 0
     assert lazy_total == eager_total
     assert lazy_logged == eager_logged and len(lazy_logged) >= 2  # logged at steps 3 and 6, and the summary at 7

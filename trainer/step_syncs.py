@@ -9,10 +9,10 @@ take, every step (83% of the step's wall time had a kernel running). Here:
 
 - logging_nan_inf_filter is off (plan.training_args): a step whose loss is NaN or inf shows in the logged loss
   instead of being replaced by the running average, which hides a diverged run;
-- on one process the tokens-seen count is summed on the device and read back (`materialise`) only where someone
-  reads it: steps that log, save, evaluate or stop, and the end of training. The counts are the Trainer's own
-  (non-padding ids), so train_tokens and trainer_state.json are unchanged; several processes keep the Trainer's
-  gather, a collective every step;
+- on one process the tokens-seen count (packed rows or padded batches) is summed on the device and read back
+  (`materialise`) only where someone reads it: steps that log, save, evaluate or stop, and the end of training.
+  The counts are the Trainer's own (the attention mask's sum, else the ids that are not padding), so train_tokens
+  and trainer_state.json are unchanged; several processes keep the Trainer's gather, a collective every step;
 - run_loss keeps its running sum on the device for the same reason (trainer/run_loss.py).
 """
 
@@ -35,12 +35,13 @@ class LazyTokenCount:
         name = getattr(trainer.model, "main_input_name", "input_ids")
         ids = inputs.get(name) if hasattr(inputs, "get") else None
         pad = getattr(trainer.processing_class, "pad_token_id", None)
-        if ids is None or trainer.args.include_num_input_tokens_seen != "non_padding" \
-                or "attention_mask" in inputs or pad is None:
+        mask = inputs.get("attention_mask") if hasattr(inputs, "get") else None
+        if ids is None or trainer.args.include_num_input_tokens_seen != "non_padding" or (mask is None and pad is None):
             self.materialise()
             type(trainer)._track_num_input_tokens(trainer, inputs)  # the Trainer's own count (and its warnings)
             return
-        self.pending.append((ids != pad).sum(dtype=torch.int64))
+        # what the Trainer counts: the attention mask of padded batches, else the ids that are not padding
+        self.pending.append(mask.sum(dtype=torch.int64) if mask is not None else (ids != pad).sum(dtype=torch.int64))
 
     def materialise(self) -> None:
         """Add what is counted so far to trainer.state.num_input_tokens_seen (one sync)."""

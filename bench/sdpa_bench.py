@@ -11,28 +11,14 @@ priority order; each named backend is tried alone, or "preferred" first in torch
 from __future__ import annotations
 
 import contextlib
-import statistics
 from typing import Any, Callable, List, Optional
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from bench.lora_kernels_bench import timed
+
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-
-
-def timed(fn: Callable[[], Any], repeat: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def packed_mask(rows: int, seq: int, examples: int) -> torch.Tensor:
@@ -95,7 +81,7 @@ def shape(name: str, rows: int, seq: int, examples: Optional[int]) -> None:
         try:
             with contextlib.nullcontext() if backends is None else sdpa_kernel(backends, set_priority=priority):
                 result = run()
-                ms = timed(run)
+                ms = timed(run, repeat=10)
                 picked = kernels(run)
         except RuntimeError as error:
             print(f"{name}: {label}: not available ({str(error).splitlines()[0][:120]})", flush=True)

@@ -33,9 +33,9 @@ class LazyTokenCount:
 
         trainer = self.trainer
         name = getattr(trainer.model, "main_input_name", "input_ids")
-        ids = inputs.get(name) if hasattr(inputs, "get") else None
+        batch = inputs if hasattr(inputs, "get") else {}
+        ids, mask = batch.get(name), batch.get("attention_mask")
         pad = getattr(trainer.processing_class, "pad_token_id", None)
-        mask = inputs.get("attention_mask") if hasattr(inputs, "get") else None
         if ids is None or trainer.args.include_num_input_tokens_seen != "non_padding" or (mask is None and pad is None):
             self.materialise()
             type(trainer)._track_num_input_tokens(trainer, inputs)  # the Trainer's own count (and its warnings)
@@ -46,10 +46,7 @@ class LazyTokenCount:
     def materialise(self) -> None:
         """Add what is counted so far to trainer.state.num_input_tokens_seen (one sync)."""
         if self.pending:
-            import torch
-
-            total = torch.stack(self.pending).sum() if len(self.pending) > 1 else self.pending[0]
-            self.pending = []
+            total, self.pending = sum(self.pending), []
             self.trainer.state.num_input_tokens_seen += int(total.item())
 
 
@@ -65,8 +62,9 @@ def install(trainer: Any, world_size: int) -> Any:
         """DefaultFlowCallback (first in the list) has decided by on_step_end whether this step logs or saves."""
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            # should_training_stop: DefaultFlowCallback's at max_steps, or preemption's
             if counter is not None and (control.should_log or control.should_save or control.should_evaluate
-                                        or control.should_training_stop or state.global_step >= state.max_steps):
+                                        or control.should_training_stop):
                 counter.materialise()
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

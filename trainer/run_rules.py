@@ -163,6 +163,22 @@ RULES = [
         "set do_eval=true (with data.eval_fraction > 0), or eval.samples=0.",
     ),
     error(
+        "train.compile_fused_lora",
+        ["train"],
+        lambda cfg: cfg.train.compile and cfg.train.fused_lora is True,
+        "train.compile=true and train.fused_lora=true exclude each other: the fused LoRA branch keeps Python-side "
+        "recompute state that breaks the compiled graph, and under compile inductor fuses peft's LoRA branch itself.",
+        "set train.fused_lora=null (off under compile), or train.compile=false to keep the fused branch.",
+    ),
+    error(
+        "train.compile_offload",
+        ["train"],
+        lambda cfg: cfg.train.compile and cfg.train.offload_activations,
+        "train.compile=true with train.offload_activations=true is not supported: the offload's saved-tensor hooks "
+        "and the compiled layers' saved activations have not been made to work together.",
+        "choose one: train.compile=false to offload, or train.offload_activations=false to compile.",
+    ),
+    error(
         "run.nothing_to_do",
         [],
         lambda cfg: not cfg.do_train and not cfg.do_eval,

@@ -324,6 +324,10 @@ class TrainLoop:
     # the SwiGLU product recomputed (same result, less memory). Null: on where a step has enough work
     # (batch x seq x hidden >= 2**25, e.g. an 8B model at 8k tokens), where it measured faster.
     fused_lora: Optional[bool] = None
+    # Each decoder layer's training forward through torch.compile, one compiled graph for all layers
+    # (trainer/compile_layers.py); the first step pays the compile, kept in ~/.cache/qforge/torchinductor for the
+    # next run. Takes peft's LoRA forward (fused_lora=null resolves to off). single and ddp only.
+    compile: bool = False
     logging_steps: int = 5
     eval_steps: int = 50
     save_steps: int = 50

@@ -71,6 +71,7 @@ class SpeedSpec:
     tokens_per_step: int  # batch x max_seq_len, for fused_lora=auto
     # Under offload: how many un-checkpointed layers offload all they save (None: every one); the others keep it.
     offload_layers: Optional[int] = None
+    compile_layers: bool = False  # train.compile: decoder layers' training forward through torch.compile
 
 
 @dataclass

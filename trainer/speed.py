@@ -37,13 +37,16 @@ def speed_spec(cfg: Any, checkpoint_layers: Optional[int], offload_layers: Optio
         packing=bool(cfg.train.packing),
         flatten_packed_rows=cfg.model.attn_implementation in VARLEN_ATTENTION,
         fused_cross_entropy=bool(cfg.train.fused_ce) and strat.allows_fused_ce,
-        fused_lora="off" if fused_lora is False or not strat.allows_fused_lora else ("on" if fused_lora else "auto"),
+        # Under train.compile inductor fuses peft's branch; the fused one would break the graph (compile_layers.py).
+        fused_lora="off" if fused_lora is False or not strat.allows_fused_lora or cfg.train.compile
+        else ("on" if fused_lora else "auto"),
         liger={None: "auto", True: "on", False: "off"}[cfg.model.liger],
         gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
         checkpoint_layers=checkpoint_layers,
         offload_activations=bool(cfg.train.offload_activations),
         offload_layers=offload_layers,
         tokens_per_step=int(cfg.train.batch_size) * int(cfg.train.max_seq_len),
+        compile_layers=bool(cfg.train.compile),
     )
 
 
@@ -92,7 +95,13 @@ def apply(model: Any, speed: SpeedSpec, upcast_layernorm: bool) -> Any:
 
 
 def apply_to_adapter(model: Any, speed: SpeedSpec) -> Any:
-    """After peft has wrapped the model: route vanilla LoRA layers through the fused branch (lora_fused.py)."""
+    """After peft has wrapped the model: route vanilla LoRA layers through the fused branch (lora_fused.py), or
+    compile the decoder layers (compile_layers.py)."""
+    if speed.compile_layers:
+        from trainer import compile_layers
+
+        compile_layers.install(model)
+        return model
     if speed.fused_lora != "off":
         from trainer import lora_fused
 
@@ -136,8 +145,13 @@ def is_norm(name: str, module: Any) -> bool:
 
 
 def callbacks(speed: SpeedSpec) -> List[Any]:
-    """Trainer callbacks the speed settings need (partial checkpointing, then offloading what it keeps)."""
+    """Trainer callbacks the speed settings need (partial checkpointing, then offloading what it keeps; the compile
+    report)."""
     found: List[Any] = []
+    if speed.compile_layers:
+        from trainer import compile_layers
+
+        found.append(compile_layers.report_callback())
     if speed.gradient_checkpointing and speed.checkpoint_layers is not None:
         found.append(_partial_checkpointing(speed.checkpoint_layers, spread_out=speed.offload_activations))
     if speed.offload_activations:

@@ -144,6 +144,7 @@ class Inputs:
     # pretrained model's (INT8_OUTLIER_SHARE); bench/memory_bench.py passes what it measured on its checkpoint.
     int8_outlier_share: float = INT8_OUTLIER_SHARE
     offload_activations: bool = False  # train.offload_activations: what the layers save goes to host memory
+    compile: bool = False  # train.compile: peft's LoRA forward, never the fused branch
     # Pinned host bytes one process may take under offload (HOST_SHARE of the node's memory over its processes,
     # whole GiB so that one plan sees one figure), or None where the node's memory is not known.
     host_budget: Optional[float] = None
@@ -232,6 +233,7 @@ def inputs_from_cfg(cfg: Any, device: Optional[str] = None, packed_rows: Optiona
         offload_activations=bool(train.offload_activations) and device == "cuda",
         offload_layers=_offload_layers(train) if train.offload_activations and device == "cuda" else None,
         host_budget=_host_budget(cfg) if train.offload_activations and device == "cuda" else None,
+        compile=bool(train.compile),
     )
 
 
@@ -936,7 +938,8 @@ def layer_tensors(x: Inputs, tokens: int, batch: int, seq: int) -> Tuple[float, 
 def _fused_lora(x: Inputs) -> bool:
     """Whether trainer.speed installs the fused LoRA branch (train.fused_lora tri-state and the work rule)."""
     s = x.shape
-    if x.peft not in ("lora", "pissa") or x.fused_lora is False or x.strategy in NO_FUSED_LORA_STRATEGIES:
+    if x.peft not in ("lora", "pissa") or x.fused_lora is False or x.strategy in NO_FUSED_LORA_STRATEGIES \
+            or x.compile:
         return False
     if x.fused_lora is True:
         return True
@@ -1081,6 +1084,9 @@ def _moves(x: Inputs, p: Prediction) -> List[Fix]:
     if x.do_train and x.fused_lora is False and x.peft in ("lora", "pissa") \
             and x.strategy not in NO_FUSED_LORA_STRATEGIES:
         moves.append(Fix("fused_lora", "train.fused_lora=null", r(x, fused_lora=None)))
+    if x.do_train and x.compile and x.fused_lora is not False and x.peft in ("lora", "pissa") \
+            and x.strategy not in NO_FUSED_LORA_STRATEGIES:
+        moves.append(Fix("fused_lora", "train.compile=false", r(x, compile=False)))
     unset = " train.offload_layers=null" if x.offload_layers is not None else ""
     if x.do_train and x.offload_activations and x.gradient_checkpointing and x.checkpoint_layers != "auto":
         # under offload, auto keeps, offloads and recomputes layers in the fastest split that fits

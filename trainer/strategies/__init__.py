@@ -37,6 +37,14 @@ RULES: List[Rule] = [
         "set train.fused_lora=null (peft's LoRA forward under ZeRO-3) or use strategy=fsdp.",
     ),
     error(
+        "train.compile_strategy",
+        ["train", "strategy"],
+        lambda cfg: cfg.train.compile and not chosen(cfg).allows_compile,
+        "train.compile=true is built for strategy=single and ddp; under strategy={cfg.strategy.name.value} the "
+        "per-layer gather and free hooks of the sharded weights sit around the compiled layers, which is untested.",
+        "set train.compile=false, or use strategy=ddp (or single).",
+    ),
+    error(
         "eval.samples_sharded",
         ["eval", "strategy"],
         lambda cfg: cfg.eval.samples > 0 and chosen(cfg).shards_weights,

@@ -41,6 +41,9 @@ class Strategy:
     # The fused LoRA branch reads lora_A/B weights without calling those modules, so ZeRO-3's per-module
     # gather hooks would never fire; FSDP2 gathers per decoder layer, which covers it.
     allows_fused_lora: bool = True
+    # train.compile compiles each decoder layer's forward; FSDP2's and ZeRO-3's per-module gather/free hooks
+    # around those layers are not what this was built and tested with.
+    allows_compile: bool = True
     rules: List[Rule] = field(default_factory=list)
 
     # ---- plan time (no torch) ----

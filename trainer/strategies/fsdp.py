@@ -72,4 +72,4 @@ class FSDP(Strategy):
 
 
 STRATEGY = FSDP(name="fsdp", summary="FSDP2 shards weights, gradients and optimizer states", distributed=True,
-                shards_weights=True, allows_fused_ce=True, rules=RULES)
+                shards_weights=True, allows_fused_ce=True, allows_compile=False, rules=RULES)

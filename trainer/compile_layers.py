@@ -1,0 +1,98 @@
+"""train.compile: each decoder layer's training forward through torch.compile (regional compilation).
+
+One compiled function of the layer class's forward serves every layer: the layers differ only in their
+weights, which dynamo reads as inputs, so compile time does not grow with depth and the graph is the same
+for layer 1 and layer 80. Only the training forward (module in train mode, grad enabled; activation
+checkpointing's recompute is one) is compiled: evaluation and generation run the layer eagerly, so a KV
+cache or an eval batch's shapes never trigger a recompile. Inductor's caches live in
+TORCHINDUCTOR_CACHE_DIR, by default ~/.cache/qforge/torchinductor (not /tmp, which clusters wipe), so a
+second run of the same shapes reuses the kernels instead of generating them again.
+
+The fused LoRA branch (lora_fused.py) is not used under compile: its Python-side recompute state would
+break the graph, and inductor fuses peft's own branch (scale, add) and picks what to recompute itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import types
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """Where inductor keeps compiled kernels: $TORCHINDUCTOR_CACHE_DIR, else under the user's cache folder."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qforge" / "torchinductor"
+
+
+def decoder_layers(model: Any) -> List[Any]:
+    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+
+
+def _training_forward(compiled: Callable[..., Any]) -> Callable[..., Any]:
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        if self.training and torch.is_grad_enabled():
+            return compiled(self, *args, **kwargs)
+        return type(self).forward(self, *args, **kwargs)
+
+    return forward
+
+
+def install(model: Any) -> int:
+    """Route every decoder layer's training forward through one compiled function per layer class."""
+    import torch
+
+    os.environ.setdefault(CACHE_ENV, str(cache_dir()))
+    compiled: Dict[type, Callable[..., Any]] = {}
+    layers = decoder_layers(model)
+    for layer in layers:
+        cls = type(layer)
+        if cls not in compiled:
+            compiled[cls] = torch.compile(cls.forward)
+        layer.forward = types.MethodType(_training_forward(compiled[cls]), layer)
+    if layers:
+        log.info("torch.compile: %d decoder layers (%s) share one compiled forward; inductor cache %s",
+                 len(layers), ", ".join(sorted(c.__name__ for c in compiled)), os.environ[CACHE_ENV])
+    return len(layers)
+
+
+def report_callback() -> Any:
+    """Logs what compiling cost on the first training step, apart from the steps after it."""
+    from transformers import TrainerCallback
+
+    class CompileReport(TrainerCallback):
+        def __init__(self) -> None:
+            self.started = 0.0
+
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step == 0:
+                self.started = time.perf_counter()
+
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.global_step != 1:
+                return
+            import torch
+            from torch._dynamo.utils import counters
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            step = time.perf_counter() - self.started
+            graphs = int(counters["stats"]["unique_graphs"])
+            breaks = sum(counters["graph_break"].values())
+            hits = int(counters["inductor"]["fxgraph_cache_hit"])
+            misses = int(counters["inductor"]["fxgraph_cache_miss"])
+            log.info("torch.compile: first step %.1f s with compiling; %d graphs, %d graph breaks, "
+                     "inductor cache %d hits, %d misses", step, graphs, breaks, hits, misses)
+
+    return CompileReport()

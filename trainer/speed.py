@@ -79,7 +79,11 @@ def apply(model: Any, speed: SpeedSpec, upcast_layernorm: bool) -> Any:
 
     model_type = str(getattr(model.config, "model_type", ""))
     liger = use_liger(speed.liger, model_type)
-    if liger:
+    if liger and speed.compile_layers:
+        # Inductor generates the norm, SwiGLU and RoPE kernels of a compiled layer itself; liger's Triton calls
+        # inside it split the graph (3 breaks a layer on an H200). Liger's loss runs outside the layers: kept.
+        log.info("liger-kernel: only its cross-entropy under train.compile (inductor fuses the layers' kernels)")
+    elif liger:
         from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
         # The loss is ours (below): liger's own lce_forward would also replace the forward.

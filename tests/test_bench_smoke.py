@@ -103,3 +103,16 @@ def test_trajectory_mode_logs_thirty_steps_per_side_and_holds_qforge_to_the_base
     assert max(gaps) <= 0.02
     assert base["losses"][-1] < base["losses"][0] and ours["losses"][-1] < ours["losses"][0]
     assert f"| 30 | {max(gaps):.2%} |" in (out / "table.md").read_text()
+
+
+def test_liger_off_variants_run_before_liger_patches_leak_into_them() -> None:
+    import argparse
+
+    from bench.run import LADDER, variants_for
+
+    args = argparse.Namespace(ladder="a", variant=["a:compiled:train.compile=true", "a:ckpt8:train.checkpoint_layers=8",
+                                                   "b:other:model.liger=false", "a:noliger:model.liger=false"])
+    names = [variant["name"] for variant in variants_for("a", args)]
+    ladder = [name for name, _ in LADDER]
+    # liger-off rows (the ladder's first three, compile, model.liger=false) first, each group in the order given
+    assert names == [*ladder[:3], "compiled", "noliger", *ladder[3:], "qforge defaults", "ckpt8"]

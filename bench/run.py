@@ -92,13 +92,7 @@ def variants_for(item: str, args: argparse.Namespace) -> List[Dict[str, Any]]:
     for spec in map(parse_variant, args.variant):
         if item in spec["items"] or "all" in spec["items"]:
             chosen.append({"name": spec["name"], "overrides": spec["overrides"]})
-    # Liger's patches outlive the model they were applied to, so liger-off variants go first (stable order).
-    return sorted(chosen, key=lambda variant: not liger_off(variant["overrides"]))
-
-
-def liger_off(overrides: List[str]) -> bool:
-    """Whether a qforge variant runs its layers without liger's kernels (train.compile turns them off too)."""
-    return "model.liger=false" in overrides or "train.compile=true" in overrides
+    return chosen
 
 
 SIDES = ("baseline", "qforge", "unsloth")

@@ -255,25 +255,36 @@ def run_qforge(job: Dict[str, Any]) -> List[Dict[str, Any]]:
     from trainer.validate import validate
 
     results = []
-    for item in job["items"]:
-        for variant in item["variants"]:
-            cfg = compose(qforge_overrides(job, item, variant["overrides"]))
-            report = validate(cfg)
-            if not report.ok:
-                raise SystemExit(f"qforge rejected {variant}: {[v.line() for v in report.errors]}")
-            examples, tokenizer = examples_for(job, item)
-            plan = build_plan(cfg)
-            # The probe batch goes through qforge's own batching path (packed rows or padded).
-            probe_set, collator = probe_batches(cfg, tokenizer, examples[: item["batch"]])
-            meter = Meter(tokenizer.pad_token_id, collator([probe_set[i] for i in range(len(probe_set))]),
-                          job["warmup"])
-            metrics = qforge_run.train(plan, extra_callbacks=[meter.callback()])
-            results.append({"side": "qforge", "item": item["name"], "variant": variant["name"],
-                            "overrides": variant["overrides"], "lora_dropout": plan.peft.kwargs.get("lora_dropout"),
-                            "predicted_gib": plan.memory.get("peak_allocated_gib"), **meter.summary(),
-                            **losses_of(metrics.get("log_history", []))})
-            free_memory()
+    for item, variant in run_order(job["items"]):
+        cfg = compose(qforge_overrides(job, item, variant["overrides"]))
+        report = validate(cfg)
+        if not report.ok:
+            raise SystemExit(f"qforge rejected {variant}: {[v.line() for v in report.errors]}")
+        examples, tokenizer = examples_for(job, item)
+        plan = build_plan(cfg)
+        # The probe batch goes through qforge's own batching path (packed rows or padded).
+        probe_set, collator = probe_batches(cfg, tokenizer, examples[: item["batch"]])
+        meter = Meter(tokenizer.pad_token_id, collator([probe_set[i] for i in range(len(probe_set))]),
+                      job["warmup"])
+        metrics = qforge_run.train(plan, extra_callbacks=[meter.callback()])
+        results.append({"side": "qforge", "item": item["name"], "variant": variant["name"],
+                        "overrides": variant["overrides"], "lora_dropout": plan.peft.kwargs.get("lora_dropout"),
+                        "predicted_gib": plan.memory.get("peak_allocated_gib"), **meter.summary(),
+                        **losses_of(metrics.get("log_history", []))})
+        free_memory()
     return results
+
+
+def liger_off(overrides: List[str]) -> bool:
+    """Whether a qforge variant runs its layers without liger's kernels (train.compile turns them off too)."""
+    return "model.liger=false" in overrides or "train.compile=true" in overrides
+
+
+def run_order(items: List[Dict[str, Any]]) -> List[tuple]:
+    """(item, variant) in the order one process runs them: liger's patches outlive the model they were applied
+    to, so every liger-off variant of every item goes first; otherwise the order given."""
+    pairs = [(item, variant) for item in items for variant in item["variants"]]
+    return sorted(pairs, key=lambda pair: not liger_off(pair[1]["overrides"]))
 
 
 def fresh_adapter(model: Any, seed: int = 42) -> int:

@@ -106,13 +106,16 @@ def test_trajectory_mode_logs_thirty_steps_per_side_and_holds_qforge_to_the_base
 
 
 def test_liger_off_variants_run_before_liger_patches_leak_into_them() -> None:
-    import argparse
+    from bench.side import run_order
 
-    from bench.run import LADDER, variants_for
+    def variants(*names: str) -> list[dict]:
+        return [{"name": name, "overrides": overrides} for name, overrides in
+                {"defaults": [], "compiled": ["train.compile=true"], "ckpt8": ["train.checkpoint_layers=8"],
+                 "noliger": ["model.liger=false", "train.fused_ce=false"]}.items() if name in names]
 
-    args = argparse.Namespace(ladder="a", variant=["a:compiled:train.compile=true", "a:ckpt8:train.checkpoint_layers=8",
-                                                   "b:other:model.liger=false", "a:noliger:model.liger=false"])
-    names = [variant["name"] for variant in variants_for("a", args)]
-    ladder = [name for name, _ in LADDER]
-    # liger-off rows (the ladder's first three, compile, model.liger=false) first, each group in the order given
-    assert names == [*ladder[:3], "compiled", "noliger", *ladder[3:], "qforge defaults", "ckpt8"]
+    items = [{"name": "a", "variants": variants("defaults", "compiled", "ckpt8")},
+             {"name": "L", "variants": variants("defaults", "noliger", "compiled")}]
+    order = [(item["name"], variant["name"]) for item, variant in run_order(items)]
+    # one process runs every item: the liger-off rows of all items first, then the rest, each in the order given
+    assert order == [("a", "compiled"), ("L", "compiled"), ("L", "noliger"),
+                     ("a", "defaults"), ("a", "ckpt8"), ("L", "defaults")]

@@ -49,3 +49,16 @@ def test_compiled_layers_train_like_eager_and_reuse_the_cache(tmp_path: Path) ->
         assert _losses(compiled) == pytest.approx(_losses(eager), rel=1e-3)
         # evaluation runs the layers eagerly (no recompile for no-grad shapes) and sees the same model
         assert compiled["eval_loss"] == pytest.approx(eager["eval_loss"], rel=1e-3)
+
+
+@pytest.mark.gpu
+def test_compiled_layers_on_gpu_are_one_graph_with_liger_installed(tmp_path: Path) -> None:
+    """On CUDA liger is on by default; under compile its layer kernels stay out, or they split the graph."""
+    cache = tmp_path / "inductor"
+    eager, _ = _run(tmp_path / "eager", cache)
+    compiled, log_text = _run(tmp_path / "compiled", cache, "train.compile=true")
+    assert "liger-kernel: only its cross-entropy under train.compile" in log_text
+    graphs, breaks, _, misses = map(int, REPORT.search(log_text).groups())
+    assert (graphs, breaks) == (1, 0) and misses > 0, log_text
+    # bf16 on the GPU, and eager runs liger's kernels where compile runs inductor's: the bench's 2% (bench/run.py)
+    assert _losses(compiled) == pytest.approx(_losses(eager), rel=2e-2)

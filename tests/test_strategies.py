@@ -134,3 +134,18 @@ def test_a_failing_rank_fails_the_launch_with_its_own_message(tmp_path: Path) ->
     assert failed.returncode == 1  # the rank's own exit code (a UserError), passed on by the parent
     assert "could not load the tokenizer" in failed.stderr and "torchrun failed (exit code 1)" in failed.stderr
     assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.slow
+def test_compiled_layers_under_ddp_train_like_eager(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.compile under DDP (2 processes, gloo): DDP's gradient hooks still fire on the compiled layers' weights,
+    every rank runs one graph, and the losses are the eager run's."""
+    import re
+
+    eager = finished_run("ddp", "bnb4")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    compiled = finished_run("ddp", "bnb4", extra=["train.compile=true", "train.fused_lora=null"])
+    log = (compiled / "train.log").read_text()
+    assert "share one compiled forward" in log
+    assert re.search(r"torch\.compile: first step [\d.]+ s with compiling; 1 graphs, 0 graph breaks", log), log
+    assert train_losses(compiled) == pytest.approx(train_losses(eager), rel=1e-3)

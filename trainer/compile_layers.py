@@ -38,33 +38,44 @@ def decoder_layers(model: Any) -> List[Any]:
     return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
 
 
-def _training_forward(compiled: Callable[..., Any]) -> Callable[..., Any]:
+def _training_forward(compiled: Callable[..., Any], eager: Callable[..., Any]) -> Callable[..., Any]:
     def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         import torch
 
         if self.training and torch.is_grad_enabled():
             return compiled(self, *args, **kwargs)
-        return type(self).forward(self, *args, **kwargs)
+        return eager(*args, **kwargs)
 
     return forward
 
 
 def install(model: Any) -> int:
-    """Route every decoder layer's training forward through one compiled function per layer class."""
+    """Route every decoder layer's training forward through one compiled function per layer class.
+
+    A layer whose forward something else already replaced on the instance (a hook library's wrapper) is left
+    eager: compiling the class's forward would skip that wrapper.
+    """
     import torch
 
     os.environ.setdefault(CACHE_ENV, str(cache_dir()))
     compiled: Dict[type, Callable[..., Any]] = {}
     layers = decoder_layers(model)
+    wrapped = [layer for layer in layers if "forward" in vars(layer)]
     for layer in layers:
+        if "forward" in vars(layer):
+            continue
         cls = type(layer)
         if cls not in compiled:
             compiled[cls] = torch.compile(cls.forward)
-        layer.forward = types.MethodType(_training_forward(compiled[cls]), layer)
-    if layers:
+        layer.forward = types.MethodType(_training_forward(compiled[cls], layer.forward), layer)
+    count = len(layers) - len(wrapped)
+    if count:
         log.info("torch.compile: %d decoder layers (%s) share one compiled forward; inductor cache %s",
-                 len(layers), ", ".join(sorted(c.__name__ for c in compiled)), os.environ[CACHE_ENV])
-    return len(layers)
+                 count, ", ".join(sorted(c.__name__ for c in compiled)), os.environ[CACHE_ENV])
+    if wrapped:
+        log.warning("torch.compile: %d decoder layers stay eager: their forward is already wrapped by %s",
+                    len(wrapped), type(vars(wrapped[0])["forward"]).__name__)
+    return count
 
 
 def report_callback() -> Any:

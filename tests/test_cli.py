@@ -70,7 +70,8 @@ def test_validation_and_planning_do_not_import_torch() -> None:
 
 
 def test_console_script_behaves_like_train_py(output_root: Path) -> None:
-    args = ("quant=hqq", "quant.bits=3", "dry_run=true", f"output_root={output_root}", "run_dir=/tmp/x")
+    args = ("quant=hqq", "quant.bits=3", "dry_run=true", f"output_root={output_root}",
+            f"run_dir={output_root}/fixed")  # a path of its own: a shared /tmp one may hold other files
     via_script = run_cli(*args, console_script=True)
     via_train = run_cli(*args)
     assert via_script.returncode == via_train.returncode == 0, via_script.stderr

@@ -19,7 +19,9 @@ import os
 import time
 import types
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict
+
+from trainer.offload import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +36,10 @@ def cache_dir() -> Path:
     return Path(base) / "qforge" / "torchinductor"
 
 
-def decoder_layers(model: Any) -> List[Any]:
-    return [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-
-
 def _training_forward(compiled: Callable[..., Any], eager: Callable[..., Any]) -> Callable[..., Any]:
-    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        import torch
+    import torch  # here, not per call: this runs for every layer of every step
 
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         if self.training and torch.is_grad_enabled():
             return compiled(self, *args, **kwargs)
         return eager(*args, **kwargs)
@@ -60,22 +58,20 @@ def install(model: Any) -> int:
     os.environ.setdefault(CACHE_ENV, str(cache_dir()))
     compiled: Dict[type, Callable[..., Any]] = {}
     layers = decoder_layers(model)
+    plain = [layer for layer in layers if "forward" not in vars(layer)]
     wrapped = [layer for layer in layers if "forward" in vars(layer)]
-    for layer in layers:
-        if "forward" in vars(layer):
-            continue
+    for layer in plain:
         cls = type(layer)
         if cls not in compiled:
             compiled[cls] = torch.compile(cls.forward)
         layer.forward = types.MethodType(_training_forward(compiled[cls], layer.forward), layer)
-    count = len(layers) - len(wrapped)
-    if count:
+    if plain:
         log.info("torch.compile: %d decoder layers (%s) share one compiled forward; inductor cache %s",
-                 count, ", ".join(sorted(c.__name__ for c in compiled)), os.environ[CACHE_ENV])
+                 len(plain), ", ".join(sorted(c.__name__ for c in compiled)), os.environ[CACHE_ENV])
     if wrapped:
         log.warning("torch.compile: %d decoder layers stay eager: their forward is already wrapped by %s",
                     len(wrapped), type(vars(wrapped[0])["forward"]).__name__)
-    return count
+    return len(plain)
 
 
 def report_callback() -> Any:

@@ -30,14 +30,18 @@ def tiny_model_dir() -> Path:
     return ensure_tiny_model(TinyArch())
 
 
-def _grads(model_dir: Path, offloader: Any = None, keep: int = 99,
-           plain: Union[bool, int] = False) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Set[int]]:
+def _grads(model_dir: Path, offloader: Any = None, keep: int = 99, plain: Union[bool, int] = False,
+           compiled: bool = False) -> Tuple[torch.Tensor, Dict[str, torch.Tensor], Set[int]]:
     """The loss, the gradients, and the storages of the model's parameters."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
+    if compiled:  # as trainer/speed.py does: before the Trainer switches checkpointing on and offload wraps
+        from trainer import compile_layers
+
+        assert compile_layers.install(model) == TinyArch().num_hidden_layers
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
@@ -93,6 +97,32 @@ def test_un_checkpointed_layers_offload_everything_they_save_and_train_the_same(
         assert len({i.host.data_ptr() for i in group.items}) == len(group.items)
     assert all(s.unpacked and s.users == 0 for s in offloader.saved)
     assert not {i.source for i in offloader.saved} & parameters  # no weight went to the host
+
+
+@pytest.mark.slow
+def test_compiled_layers_offload_what_their_graph_saves_and_train_the_same(tiny_model_dir: Path) -> None:
+    """train.compile with offload: the compiled layer's forward saves its activations through the same hooks
+    (AOTAutograd saves them on its autograd function's context), so one checkpointed layer offloads its input and
+    the three others everything their graph keeps; the gradients are those of the compiled run without offload."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    loss, grads, _ = _grads(tiny_model_dir, keep=1, compiled=True)
+    offloader = ActivationOffloader(min_bytes=0, simulate=True)
+    offloaded_loss, offloaded_grads, parameters = _grads(tiny_model_dir, offloader, keep=1, plain=True,
+                                                         compiled=True)
+    assert torch.equal(offloaded_loss, loss)
+    assert set(offloaded_grads) == set(grads) and grads
+    for name, grad in grads.items():
+        assert torch.equal(offloaded_grads[name], grad), name
+    assert sum(counters["graph_break"].values()) == 0
+    layer_input = 2 * 24 * TinyArch().hidden_size
+    assert len(offloader.groups) == TinyArch().num_hidden_layers
+    assert [i.host.numel() for i in offloader.groups[0].items] == [layer_input]
+    for group in offloader.groups[1:]:
+        assert sum(i.host.numel() for i in group.items) > 4 * layer_input
+    assert all(s.unpacked and s.users == 0 for s in offloader.saved)
+    assert not {i.source for i in offloader.saved} & parameters
 
 
 def test_layers_not_among_offload_layers_keep_their_activations_on_the_gpu_and_train_the_same(
@@ -272,14 +302,16 @@ def test_offload_layers_that_cannot_be_honoured_are_refused(output_root: Path, o
 @pytest.mark.gpu
 @pytest.mark.parametrize("layers, offload_only", [([], []), (["train.checkpoint_layers=1"], []),
                                                   (["model.tiny.num_hidden_layers=8", "train.checkpoint_layers=1"],
-                                                   ["train.offload_layers=5"])],
-                         ids=["checkpointed", "mostly-offloaded", "one-kept"])
+                                                   ["train.offload_layers=5"]),
+                                                  (["train.compile=true", "train.checkpoint_layers=1"], [])],
+                         ids=["checkpointed", "mostly-offloaded", "one-kept", "compiled-mostly-offloaded"])
 def test_offload_on_gpu_trains_the_same_in_less_memory(output_root: Path, layers: List[str],
                                                        offload_only: List[str]) -> None:
     """On CUDA: the same losses as without offloading, and a lower peak (the side stream and prefetch path);
     with one layer of four checkpointed, the other three offload everything they save; with one of eight
     checkpointed, five offload everything and two keep their activations on the GPU (with four layers, two
-    offloaded ones would both be in flight at the peak, as the memory model counts them: no saving to see)."""
+    offloaded ones would both be in flight at the peak, as the memory model counts them: no saving to see);
+    and under train.compile, where what is offloaded is what the compiled graph saves (both runs compiled)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     common = ["train.max_steps=6", "train.logging_steps=1", "do_eval=false", "train.max_seq_len=512",

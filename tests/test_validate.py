@@ -46,11 +46,10 @@ def warnings(*overrides: str) -> set[str]:
     (["quant=eetq", "strategy=fsdp"], "eetq.no_sharded_strategy"),
     # the fused LoRA branch bypasses ZeRO-3's per-module weight gathering
     (["quant=bnb4", "strategy=zero3", "train.fused_lora=true"], "train.fused_lora_zero3"),
-    # train.compile: single and ddp only, never with the fused branch or activation offload
+    # train.compile: single and ddp only, never with the fused branch
     (["train.compile=true", "strategy=fsdp"], "train.compile_strategy"),
     (["train.compile=true", "strategy=zero3"], "train.compile_strategy"),
     (["train.compile=true", "train.fused_lora=true"], "train.compile_fused_lora"),
-    (["train.compile=true", "train.offload_activations=true"], "train.compile_offload"),
 ])
 def test_rule_rejects(overrides: list[str], rule: str) -> None:
     assert rule in errors(*overrides)
@@ -72,6 +71,7 @@ def test_rule_rejects(overrides: list[str], rule: str) -> None:
     ["quant=bnb4", "strategy=zero3", "train.fused_lora=null"],
     ["quant=bnb4", "strategy=fsdp", "train.fused_lora=true"],
     ["quant=bnb4", "strategy=ddp", "train.compile=true"],
+    ["quant=bnb4", "train.compile=true", "train.offload_activations=true", "train.checkpoint_layers=16"],
 ])
 def test_legal_compositions_pass(overrides: list[str]) -> None:
     assert errors(*overrides) == set()

@@ -171,14 +171,6 @@ RULES = [
         "set train.fused_lora=null (off under compile), or train.compile=false to keep the fused branch.",
     ),
     error(
-        "train.compile_offload",
-        ["train"],
-        lambda cfg: cfg.train.compile and cfg.train.offload_activations,
-        "train.compile=true with train.offload_activations=true is not supported: the offload's saved-tensor hooks "
-        "and the compiled layers' saved activations have not been made to work together.",
-        "choose one: train.compile=false to offload, or train.offload_activations=false to compile.",
-    ),
-    error(
         "run.nothing_to_do",
         [],
         lambda cfg: not cfg.do_train and not cfg.do_eval,

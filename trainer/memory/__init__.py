@@ -35,7 +35,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from trainer.memory.shapes import ModelShape, find_shape, shape_from_config
 from trainer.strategies import ALL as _STRATEGIES
@@ -893,17 +893,15 @@ def layer_tensors(x: Inputs, tokens: int, batch: int, seq: int) -> Tuple[float, 
 
     mask = x.packing and x.packed_rows and x.attn in ("sdpa", "eager")
     kv = Hq if (mask or x.attn == "eager") else Hkv  # a mask (or eager) makes transformers repeat k/v per head
+    if x.compile:
+        return _compiled_layer_tensors(x, N, batch, seq, kv, mask, keeps_input, targeted, notes)
     own_input = liger_or_fp32 = x.liger or c == 4
     norm_in = c * N * H if liger_or_fp32 else 4 * N * H  # liger keeps x itself; HF RMSNorm an fp32 copy of it
     full = norm_in  # input norm
     full += c * N * H if input_kept(("q_proj", "k_proj", "v_proj"), True) else 0.0
     full += dropped(("q_proj", "k_proj", "v_proj"), H)
     full += c * N * x.r * len(targeted)  # rank-r activations (lora_A's output / the fused branch's)
-    full += c * N * (Hq + 2 * kv) + c * N * Hq + 4 * N * s.heads  # q, k, v, attention output, logsumexp
-    if x.attn == "eager":
-        full += (4 + (c if c < 4 else 0)) * batch * s.heads * seq * seq  # fp32 softmax and its cast
-    elif mask:
-        full += c * batch * seq * seq  # SDPA turns the bool mask into an additive bias on every call
+    full += _attention_tensors(x, N, batch, seq, kv, mask)
     # o_proj's input is SDPA's output (kept already); the fused branch and HQQ/int8 keep that same storage.
     full += c * N * Hq if x.attn == "eager" and input_kept(("o_proj",), False) else 0.0
     full += dropped(("o_proj",), Hq)
@@ -933,6 +931,48 @@ def layer_tensors(x: Inputs, tokens: int, batch: int, seq: int) -> Tuple[float, 
         notes.append("packed rows assumed to hold several examples: SDPA gets a block-diagonal mask "
                      "(batch x seq^2) and k/v repeated to every head")
     return full, checkpointed, (c * N * H if own_input else 0.0), notes
+
+
+def _attention_tensors(x: Inputs, N: int, batch: int, seq: int, kv: int, mask: bool) -> float:
+    """q, k, v, attention output and logsumexp, plus what eager attention or a packed mask adds."""
+    s = x.shape
+    assert s is not None
+    c = _bytes(x.dtype)
+    kept = c * N * (s.q_width + 2 * kv) + c * N * s.q_width + 4 * N * s.heads
+    if x.attn == "eager":
+        kept += (4 + (c if c < 4 else 0)) * batch * s.heads * seq * seq  # fp32 softmax and its cast
+    elif mask:
+        kept += c * batch * seq * seq  # SDPA turns the bool mask into an additive bias on every call
+    return kept
+
+
+def _compiled_layer_tensors(x: Inputs, N: int, batch: int, seq: int, kv: int, mask: bool, keeps_input: bool,
+                            targeted: Set[str], notes: List[str]) -> Tuple[float, float, float, List[str]]:
+    """train.compile: what the compiled layer saves once AOTAutograd recomputes its pointwise ops
+    (trainer/compile_layers.py RECOMPUTE): the layer's input and the residual after attention, the norms' fp32
+    row statistics, attention's tensors, gate and up (SwiGLU's backward needs both), the rank-r products. Norm
+    outputs, casts and the SwiGLU product are recomputed. Measured with saved-tensor hooks on a bnb4 LoRA layer
+    of Llama-3 proportions under bf16 autocast (tests/test_compile.py checks the count)."""
+    s = x.shape
+    assert s is not None
+    c = _bytes(x.dtype)
+    H, inter = s.hidden, s.intermediate
+    full = 2 * c * N * H + 2 * 4 * N  # the input, the residual; one fp32 statistic per row and norm
+    full += c * N * x.r * len(targeted)
+    full += _attention_tensors(x, N, batch, seq, kv, mask)
+    full += 2 * c * N * inter  # gate and up
+    if keeps_input:  # the base layers' own autograd keeps their inputs: norm outputs, attention output, product
+        full += c * N * (2 * H + s.q_width + inter)
+    if targeted and x.dropout > 0:
+        full += N * (3 * H + s.q_width + inter)  # a bool dropout mask per adapted input width (approximate)
+        notes.append("train.compile with LoRA dropout: one bool mask per adapted input counted (not measured)")
+    checkpointed = c * N * H
+    if x.method == "bnb" and x.bits == 8:
+        checkpointed += c * N * (2 * H + s.q_width + inter)
+    if mask:
+        notes.append("packed rows assumed to hold several examples: SDPA gets a block-diagonal mask "
+                     "(batch x seq^2) and k/v repeated to every head")
+    return full, checkpointed, c * N * H, notes
 
 
 def _fused_lora(x: Inputs) -> bool:

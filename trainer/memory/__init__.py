@@ -972,6 +972,11 @@ def _compiled_layer_tensors(x: Inputs, N: int, batch: int, seq: int, kv: int, ma
     if mask:
         notes.append("packed rows assumed to hold several examples: SDPA gets a block-diagonal mask "
                      "(batch x seq^2) and k/v repeated to every head")
+    if x.device == "cuda":
+        # what is saved is modelled (and measured); inductor's backward temporaries are not yet
+        notes.append("train.compile: the compiled backward's temporaries are not modelled yet; on an H200 the "
+                     "Llama-3-8B shape peaked 0.9 GiB (8k tokens) to 1.5 GiB (16k) above this prediction "
+                     "(bench/RESULTS.md, run 10)")
     return full, checkpointed, c * N * H, notes
 
 

@@ -107,6 +107,7 @@ def _unreachable(source: str, err: Exception) -> str:
 
 
 def load_for_training(plan: Any) -> Tuple[Any, Any]:
+    from trainer import host_embeddings
     from trainer.adapters import attach
 
     tokenizer = load_tokenizer(plan.model)
@@ -115,6 +116,8 @@ def load_for_training(plan: Any) -> Tuple[Any, Any]:
         resize_vocab(model, tokenizer)
     model = prepare_for_training(model, plan.model, plan.quant.trains_quantized,
                                  plan.speed.gradient_checkpointing)
+    if plan.speed.embeddings_on_host:  # before peft wraps anything, so its modules read the moved table
+        host_embeddings.move(model)
     model = speed.apply(model, plan.speed, plan.model.upcast_layernorm)  # before the adapter wraps the model
     model = attach(model, plan.peft, plan.model)
     model = speed.apply_to_adapter(model, plan.speed)

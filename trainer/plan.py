@@ -64,6 +64,10 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
         raise UserError("train.offload_activations=true moves what the layers keep for backward from GPU memory to "
                         "host memory, and this run trains on CPU, where they already are; set "
                         "train.offload_activations=false (or run on a GPU machine).")
+    if cfg.train.embeddings_on_host and device == "cpu":
+        raise UserError("train.embeddings_on_host=true moves the embedding table from GPU memory to host memory, and "
+                        "this run trains on CPU, where it already is; set train.embeddings_on_host=null (or run on "
+                        "a GPU machine).")
     run_dir = os.path.abspath(os.path.expanduser(run_dir or cfg.run_dir or default_run_dir(cfg)))
     size = world_size(cfg, gpus)
     model = _model_spec(cfg, dtype, device)
@@ -71,7 +75,8 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
                              decoder_layer=families.DECODER_LAYERS[model.family])
     memory = predict(cfg)
     speed = speed_spec(cfg, checkpoint_layers=_checkpoint_layers(cfg, memory),
-                       offload_layers=_offload_layers(cfg, memory))
+                       offload_layers=_offload_layers(cfg, memory),
+                       embeddings_on_host=device == "cuda" and memory.known and memory.embeddings_on_host)
     return RunPlan(
         run_dir=run_dir,
         run_name=cfg.run_name or os.path.basename(run_dir),

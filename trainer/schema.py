@@ -310,6 +310,11 @@ class TrainLoop:
     # or, with checkpoint_layers=auto, the memory model's choice (as many kept as fit, then offloaded, then
     # checkpointed). Any for the same reason as checkpoint_layers: the rule train.offload_layers checks it.
     offload_layers: Any = None
+    # The frozen input embedding table in pinned host memory, read by the GPU row by row over the host link
+    # (trainer/host_embeddings.py): the same lookups, the table's GPU memory freed (0.98 GiB for Llama-3-8B).
+    # Null: wherever it applies (CUDA, strategy=single, a frozen table not tied to lm_head); true: refused where it
+    # does not; false: the table stays on the GPU.
+    embeddings_on_host: Optional[bool] = None
     # Host memory of one node in GiB, against which the pinned memory of offload_activations is checked (every
     # process of the node keeps its own). Null: what this machine has available; a Slurm job's is not known.
     host_mem_gib: Optional[float] = None

@@ -72,6 +72,7 @@ class SpeedSpec:
     # Under offload: how many un-checkpointed layers offload all they save (None: every one); the others keep it.
     offload_layers: Optional[int] = None
     compile_layers: bool = False  # train.compile: decoder layers' training forward through torch.compile
+    embeddings_on_host: bool = False  # train.embeddings_on_host as resolved: the table in pinned host memory
 
 
 @dataclass

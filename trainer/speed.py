@@ -26,9 +26,10 @@ VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 
 # ---- plan time (no torch): what the run will do ----
 
-def speed_spec(cfg: Any, checkpoint_layers: Optional[int], offload_layers: Optional[int] = None) -> SpeedSpec:
-    """checkpoint_layers, offload_layers: train.checkpoint_layers and train.offload_layers as the plan resolved
-    them (auto by the memory model)."""
+def speed_spec(cfg: Any, checkpoint_layers: Optional[int], offload_layers: Optional[int] = None,
+               embeddings_on_host: bool = False) -> SpeedSpec:
+    """checkpoint_layers, offload_layers, embeddings_on_host: train.checkpoint_layers, train.offload_layers and
+    train.embeddings_on_host as the plan resolved them (auto and null by the memory model)."""
     from trainer.strategies import chosen
 
     strat = chosen(cfg)
@@ -47,6 +48,7 @@ def speed_spec(cfg: Any, checkpoint_layers: Optional[int], offload_layers: Optio
         offload_layers=offload_layers,
         tokens_per_step=int(cfg.train.batch_size) * int(cfg.train.max_seq_len),
         compile_layers=bool(cfg.train.compile),
+        embeddings_on_host=embeddings_on_host,
     )
 
 

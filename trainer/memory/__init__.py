@@ -151,6 +151,9 @@ class Inputs:
     # train.offload_layers under offload: how many un-checkpointed layers move all they save to the host (None:
     # all of them); the others keep it on the GPU. Decided here with checkpoint_layers=auto.
     offload_layers: Optional[int] = None
+    # train.embeddings_on_host (null: wherever it applies, trainer/host_embeddings.py) and what it depends on.
+    embeddings_on_host: Optional[bool] = False
+    resize_vocab: bool = False
 
 
 def _value(x: Any) -> Any:
@@ -234,6 +237,7 @@ def inputs_from_cfg(cfg: Any, device: Optional[str] = None, packed_rows: Optiona
         offload_layers=_offload_layers(train) if train.offload_activations and device == "cuda" else None,
         host_budget=_host_budget(cfg) if train.offload_activations and device == "cuda" else None,
         compile=bool(train.compile),
+        embeddings_on_host=train.embeddings_on_host, resize_vocab=bool(model.resize_vocab),
     )
 
 
@@ -309,6 +313,7 @@ class Prediction:
     assumptions: List[str] = field(default_factory=list)
     calibration: Calibration = CALIBRATION
     host_bytes: float = 0.0  # pinned host memory per GPU of train.offload_activations (trainer/memory/host.py)
+    embeddings_on_host: bool = False  # train.embeddings_on_host as resolved for this run (trainer/host_embeddings)
 
     @property
     def static_bytes(self) -> float:
@@ -693,8 +698,12 @@ def _predict(x: Inputs, checkpointed: int, resolved: Any, auto_note: str) -> Pre
     if consts:
         static.append(Term("quantization constants" + (" (not sharded)" if shard > 1 else ""), consts))
     embed = s.vocab * H * c
+    on_host = embeddings_on_host(x)
+    if on_host:
+        notes.append(f"embeddings: the {_g(embed)} table in pinned host memory, read by the GPU row by row "
+                     "(train.embeddings_on_host)")
     static.append(Term("embeddings" + (" (tied with lm_head)" if s.tied else "") + each,
-                       local(embed, s.vocab, H)))
+                       0.0 if on_host else local(embed, s.vocab, H)))
     if not s.tied:
         static.append(Term("lm_head" + each, local(embed, s.vocab, H)))
     norm_bytes = c if ds_cast or not x.upcast_layernorm else 4
@@ -798,8 +807,27 @@ def _predict(x: Inputs, checkpointed: int, resolved: Any, auto_note: str) -> Pre
         strategy=strategy, tokens=act.tokens, layers=layers, checkpointed=checkpointed, checkpoint_layers=resolved,
         offload_layers=offloaded_layers(x, checkpointed) if x.offload_activations else None,
         auto=auto_note, static=static, phases=phases, target_gib=x.target_gib, target_source=x.target_source,
-        assumptions=notes + act.notes, host_bytes=act.host if x.do_train else 0.0,
+        assumptions=notes + act.notes, host_bytes=(act.host if x.do_train else 0.0) + (embed if on_host else 0.0),
+        embeddings_on_host=on_host,
     )
+
+
+def embeddings_on_host(x: Inputs) -> bool:
+    """train.embeddings_on_host for these inputs: null is on wherever trainer/host_embeddings says it applies."""
+    from trainer import host_embeddings
+
+    if x.embeddings_on_host is False:
+        return False
+    return host_embeddings.resolve(x.embeddings_on_host, embeddings_reason(x))
+
+
+def embeddings_reason(x: Inputs) -> Optional[str]:
+    """Why the embedding table cannot live in host memory for these inputs (None: it can)."""
+    from trainer import host_embeddings
+
+    return host_embeddings.why_not(
+        x.device, x.strategy, x.world, x.peft, host_embeddings.trains_embeddings(x.peft, x.resize_vocab),
+        x.shape.tied if x.shape is not None else None, x.device_map_auto)
 
 
 def _load_phase(x: Inputs, linears: List[Tuple[str, int, int]], embed: float) -> Optional[Phase]:

@@ -10,6 +10,7 @@ from trainer.memory import (
     GIB,
     Inputs,
     Prediction,
+    embeddings_reason,
     fixes,
     predict,
     predict_inputs,
@@ -66,7 +67,8 @@ def _fixes_or_why(p: Prediction, x: Optional[Inputs]) -> str:
 
 
 def _host_does_not_fit(cfg: Any) -> bool:
-    """train.offload_activations: the node's processes together pin more than HOST_SHARE of its memory."""
+    """train.offload_activations / train.embeddings_on_host: the node's processes together pin more than HOST_SHARE
+    of its memory."""
     p = predict(cfg)
     if not p.known or not p.host_bytes:
         return False
@@ -80,20 +82,30 @@ def _host_details(cfg: Any) -> Dict[str, Any]:
     ranks = ranks_per_node(cfg)
     # With every layer checkpointed only the layer inputs go to the host.
     inputs_only = predict_inputs(dataclasses.replace(x, gradient_checkpointing=True, checkpoint_layers=None,
-                                                     offload_layers=None)).host_bytes if x else 0.0
+                                                     offload_layers=None, embeddings_on_host=False)).host_bytes \
+        if x else 0.0
     train = cfg.train
     checkpoint_all = "train.checkpoint_layers=null" + \
         (" train.offload_layers=null" if train.offload_layers is not None else "") + \
         ("" if train.gradient_checkpointing else " train.gradient_checkpointing=true")
+    table = p.host_bytes - predict_inputs(dataclasses.replace(x, embeddings_on_host=False)).host_bytes if x else 0.0
+    pinning = [name for name, on in (("train.offload_activations=true", train.offload_activations),
+                                     ("train.embeddings_on_host", p.embeddings_on_host)) if on]
+    moves = []
+    if train.offload_activations:
+        moves.append(f"set {checkpoint_all} (only the layer inputs go to the host: {inputs_only / GIB:.1f} GiB per "
+                     "GPU) or train.offload_activations=false")
+    if p.embeddings_on_host:
+        moves.append(f"set train.embeddings_on_host=false (the table's {table / GIB:.1f} GiB go back to the GPU)")
     return {
-        "checkpoint_all": checkpoint_all,
+        "pinning": " and ".join(pinning),
+        "moves": "; or ".join(moves),
         "per_gpu": f"{p.host_bytes / GIB:.1f}",
         "total": f"{p.host_bytes * ranks / GIB:.1f}",
         "ranks": ranks,
         "share": f"{HOST_SHARE:.0%}",
         "target": f"{target:g}" if target is not None else "?",
         "source": source,
-        "inputs_only": f"{inputs_only / GIB:.1f}",
     }
 
 
@@ -134,6 +146,16 @@ def _bad_gpu_mem(cfg: Any) -> bool:
     return any(v is not None and not v > 0 for v in (cfg.train.gpu_mem_gib, cfg.launcher.slurm.gpu_mem_gib))
 
 
+def _embeddings_reason(cfg: Any) -> str:
+    """Why train.embeddings_on_host=true cannot apply to this run, or "" (it can, or it was not asked for)."""
+    if cfg.train.embeddings_on_host is not True:
+        return ""
+    _, x = predict_with_inputs(cfg)
+    if x is None or x.device != "cuda":  # a CPU run is refused by the plan, with its own sentence
+        return ""
+    return embeddings_reason(x) or ""
+
+
 MEMORY_GROUPS = ["model", "quant", "peft", "strategy", "train", "launcher"]
 
 RULES = [
@@ -172,13 +194,20 @@ RULES = [
         "set it to the memory of one node, e.g. train.host_mem_gib=512, or leave it null.",
     ),
     error(
+        "train.embeddings_on_host",
+        ["train", "model", "peft", "strategy"],
+        lambda cfg: bool(_embeddings_reason(cfg)),
+        "train.embeddings_on_host=true cannot apply to this run: {reason}.",
+        "set train.embeddings_on_host=null (the table moves to host memory wherever that applies) or false.",
+        details=lambda cfg: {"reason": _embeddings_reason(cfg)},
+    ),
+    error(
         "memory.host_offload",
         MEMORY_GROUPS,
         _host_does_not_fit,
-        "train.offload_activations=true keeps {per_gpu} GiB per GPU in pinned host memory, {total} GiB for the "
+        "{pinning} keep(s) {per_gpu} GiB per GPU in pinned host memory, {total} GiB for the "
         "{ranks} process(es) of a node, more than {share} of its {target} GiB of host memory ({source}).",
-        "set {checkpoint_all} (only the layer inputs go to the host: {inputs_only} GiB per GPU) or "
-        "train.offload_activations=false; train.host_mem_gib=N if the node that trains has more.",
+        "{moves}; train.host_mem_gib=N if the node that trains has more.",
         details=_host_details,
     ),
     error(

@@ -1,0 +1,159 @@
+"""train.embeddings_on_host (trainer/host_embeddings.py): the frozen embedding table in pinned host memory.
+
+Plan time on CPU: where null turns it on (one CUDA process, frozen untied table), where true is refused with the
+reason, and that the plan carries the decision to the ranks. The CUDA path (the table read in place from pinned
+memory, the same losses, the GPU memory it frees) is the gpu-marked test at the end, run on the GPU machine.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+from tests.conftest import only_run_dir, run_cli
+from trainer.compose import compose
+from trainer.errors import UserError
+
+LLAMA3_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+             "tie_word_embeddings": False}
+
+
+def _model_dir(root: Path, tied: bool = False) -> Path:
+    """An 8B-shaped local model directory (config and the shipped tokenizer; no weights: plans only)."""
+    from trainer.assets import __file__ as assets_init
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps({**LLAMA3_8B, "tie_word_embeddings": tied}))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(Path(assets_init).parent / "tokenizer" / name, root / name)
+    return root
+
+
+def _slurm(model_dir: Path, *extra: str) -> List[str]:
+    """Planned for one GPU of a Slurm node: the plan is for CUDA though this machine has none."""
+    return ["model=local", f"model.name_or_path={model_dir}", "quant=bnb4", "do_eval=false", "launcher=slurm",
+            "launcher.slurm.gpus_per_node=1", *extra]
+
+
+def test_the_plan_puts_the_table_in_host_memory_for_one_cuda_process_only(tmp_path: Path) -> None:
+    from trainer.plan import build_plan
+
+    model_dir = _model_dir(tmp_path / "8b")
+    plan = build_plan(compose(_slurm(model_dir)))
+    assert plan.speed.embeddings_on_host
+    assert "embeddings" not in plan.memory["breakdown_gib"]
+    assert plan.memory["pinned_host_per_gpu_gib"] == pytest.approx(128256 * 4096 * 2 / 2**30, abs=1e-3)
+    assert not build_plan(compose(_slurm(model_dir, "train.embeddings_on_host=false"))).speed.embeddings_on_host
+    two = ["launcher.slurm.gpus_per_node=2", "strategy=ddp"]
+    assert not build_plan(compose(_slurm(model_dir, *two))).speed.embeddings_on_host
+    tied = _model_dir(tmp_path / "tied", tied=True)
+    assert not build_plan(compose(_slurm(tied))).speed.embeddings_on_host
+    # this machine trains on CPU: null leaves the table where it is
+    assert not build_plan(compose(["quant=bnb4"])).speed.embeddings_on_host
+
+
+@pytest.mark.parametrize("overrides, reason", [
+    (["launcher.slurm.gpus_per_node=2", "strategy=ddp"], "broadcasts or shards every parameter"),
+    (["peft=full", "quant=none"], "peft.method=full trains the embedding table"),
+    (["model.resize_vocab=true"], "trains the embedding table whole"),
+    (["TIED"], "ties lm_head to the embedding table"),
+])
+def test_asking_for_it_where_it_cannot_apply_is_refused_with_the_reason(tmp_path: Path, output_root: Path,
+                                                                        overrides: List[str], reason: str) -> None:
+    model_dir = _model_dir(tmp_path / "m", tied=overrides == ["TIED"])
+    extra = [o for o in overrides if o != "TIED"]
+    done = run_cli(*_slurm(model_dir, *extra), "train.embeddings_on_host=true", "dry_run=true",
+                   f"output_root={output_root}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "[train.embeddings_on_host]" in done.stderr and reason in done.stderr
+    assert "train.embeddings_on_host=null" in done.stderr  # the fix
+    assert not output_root.exists()
+
+
+def test_asking_for_it_on_a_cpu_run_is_refused(output_root: Path) -> None:
+    done = run_cli("train.embeddings_on_host=true", "dry_run=true", f"output_root={output_root}")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "train.embeddings_on_host=true" in done.stderr and "trains on CPU" in done.stderr
+    assert not output_root.exists()
+
+
+def test_the_host_memory_rule_counts_the_table(tmp_path: Path) -> None:
+    """The table is pinned host memory like offloaded activations: a node too small for it is refused, with
+    train.embeddings_on_host=false as the fix."""
+    from trainer.validate import validate
+
+    cfg = compose(_slurm(_model_dir(tmp_path / "8b"), "train.host_mem_gib=1"))
+    [violation] = [v for v in validate(cfg).errors if v.rule_id == "memory.host_offload"]
+    assert violation.message.startswith("train.embeddings_on_host keep(s) 1.0 GiB per GPU in pinned host memory")
+    assert "set train.embeddings_on_host=false (the table's 1.0 GiB go back to the GPU)" in violation.fix
+    assert "offload_activations" not in violation.fix
+    assert not [v for v in validate(compose(_slurm(_model_dir(tmp_path / "8b"), "train.host_mem_gib=1",
+                                                   "train.embeddings_on_host=false"))).errors
+                if v.rule_id == "memory.host_offload"]
+
+
+def _tiny(tied: bool) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
+    return LlamaForCausalLM(config)
+
+
+def test_the_rank_refuses_a_tied_table_and_a_table_off_the_gpu() -> None:
+    """The plan's decision is checked where it is carried out: a head sharing the table (a shape the plan could
+    not read) and a table that is not on a CUDA GPU are refused with a sentence, and nothing is moved."""
+    from trainer.host_embeddings import move
+
+    tied = _tiny(tied=True)
+    with pytest.raises(UserError, match="lm_head shares the embedding table"):
+        move(tied)
+    assert tied.get_input_embeddings().weight is tied.get_output_embeddings().weight
+    untied = _tiny(tied=False)
+    with pytest.raises(UserError, match="not a CUDA GPU"):
+        move(untied)
+    assert untied.get_input_embeddings().weight.device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_on_gpu_the_table_is_read_in_place_from_host_memory_with_the_same_losses(output_root: Path) -> None:
+    """On CUDA: the embedding weight aliases pinned host memory (its pointer is the host buffer's), the run trains
+    the same losses as with the table on the GPU, and its peak is lower by the table's bytes."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from trainer.host_embeddings import move
+
+    model = _tiny(tied=False).to("cuda", torch.bfloat16)
+    rows = model.get_input_embeddings().weight.detach().clone()
+    before = torch.cuda.memory_allocated()
+    freed = move(model)
+    weight = model.get_input_embeddings().weight
+    assert weight.device.type == "cuda" and not weight.requires_grad
+    assert torch.cuda.memory_allocated() == before - freed  # the GPU copy is gone
+    assert weight.data_ptr() == model.get_input_embeddings()._qforge_host_table.data_ptr()
+    ids = torch.randint(0, 64, (3, 7), device="cuda")
+    assert torch.equal(model.get_input_embeddings()(ids), torch.nn.functional.embedding(ids, rows))
+
+    common = ["train.max_steps=6", "train.logging_steps=1", "do_eval=false", "train.max_seq_len=512",
+              "train.batch_size=8", "train.lr=1e-3", "train.warmup_ratio=0", "peft.dropout=0"]
+    results = {}
+    for on in ("false", "null"):
+        out = output_root / on
+        done = run_cli(*common, f"train.embeddings_on_host={on}", f"output_root={out}",
+                       env={"CUDA_VISIBLE_DEVICES": "0"})
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("table" in done.stderr and "in pinned host memory" in done.stderr) == (on == "null")
+        results[on] = json.loads((only_run_dir(out) / "metrics.json").read_text())
+        plan = json.loads((only_run_dir(out) / ".hydra" / "plan.json").read_text())
+        assert plan["speed"]["embeddings_on_host"] == (on == "null")
+    losses = {k: [e["loss"] for e in m["log_history"] if "loss" in e] for k, m in results.items()}
+    assert losses["null"] == pytest.approx(losses["false"], rel=1e-3)
+    saved = results["false"]["peak_memory_bytes"] - results["null"]["peak_memory_bytes"]
+    table = plan["memory"]["pinned_host_per_gpu_gib"] * 2**30
+    assert saved == pytest.approx(table, rel=0.1)

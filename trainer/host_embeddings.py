@@ -1,0 +1,121 @@
+"""train.embeddings_on_host: the frozen input embedding table lives in pinned host memory and the GPU reads the
+rows a batch needs from there, instead of holding the whole table in GPU memory.
+
+An embedding lookup is a gather: of Llama-3-8B's 0.98 GiB table a step of 8k tokens touches 8k rows of 8 KiB
+(64 MiB at most), once per forward (the table is frozen: nothing flows back to it, and checkpointing recomputes
+decoder layers, never the lookup). So the table moves to pinned host memory and the module's weight becomes a
+CUDA tensor that aliases it: with unified virtual addressing (every 64-bit CUDA platform) pinned host memory has
+one address that the host and every GPU read it at, so the same embedding kernel reads the same rows, over the
+host link instead of from HBM. Nothing is computed differently; a sixth of an 8B bnb4 model's GPU-resident
+weights is freed.
+
+Not where the table is trained (peft.method=full, model.resize_vocab with an adapter), shared with lm_head (every
+forward and backward GEMM would read it over the link), sharded or broadcast by a strategy (single process only),
+or on CPU (where it already is). train.embeddings_on_host=null applies it wherever it can, true refuses a run
+where it cannot (rule train.embeddings_on_host), false keeps the table on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional
+
+from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+# ---- plan time (no torch): whether it applies ----
+
+def why_not(device: str, strategy: str, world: int, peft: str, trains_embeddings: bool, tied: Optional[bool],
+            device_map: bool) -> Optional[str]:
+    """Why the table cannot live in host memory for this run, as the end of a sentence; None when it can.
+
+    tied: whether lm_head shares the table (None: the model's config.json is not readable here)."""
+    if device != "cuda":
+        return "this run trains on CPU, where the table already is in host memory"
+    if strategy != "single" or world > 1:
+        return (f"strategy={strategy} broadcasts or shards every parameter across processes, and the host-resident "
+                "table is built for one process (strategy=single)")
+    if device_map:
+        return "model.device_map places the model's modules itself"
+    if peft == "full":
+        return "peft.method=full trains the embedding table"
+    if trains_embeddings:
+        return "model.resize_vocab=true trains the embedding table whole beside the adapter (its new rows)"
+    if tied:
+        return ("the model ties lm_head to the embedding table, so every forward and backward GEMM of the head "
+                "would read the whole table over the host link")
+    if tied is None:
+        return "the model's config.json is not readable here, so whether lm_head shares the table is not known"
+    return None
+
+
+def resolve(wanted: Optional[bool], reason: Optional[str]) -> bool:
+    """train.embeddings_on_host: null is on wherever it applies; true where it does not is refused by the rule."""
+    return wanted is not False and reason is None
+
+
+def trains_embeddings(peft_method: str, resize_vocab: bool) -> bool:
+    """Whether the run trains the embedding table (trainer.adapters adds it to modules_to_save on resize)."""
+    from trainer.adapters_rules import trains_adapter
+
+    return peft_method == "full" or (resize_vocab and trains_adapter(peft_method))
+
+
+# ---- run time ----
+
+class _PinnedTable:
+    """Pinned host memory described to torch by __cuda_array_interface__ (as an integer array of the same element
+    size: the interface has no bfloat16); torch keeps this object, and so the memory, alive with the tensor."""
+
+    _TYPESTR = {2: "<i2", 4: "<i4", 1: "|i1", 8: "<i8"}
+
+    def __init__(self, host: Any) -> None:
+        self.host = host
+
+    @property
+    def __cuda_array_interface__(self) -> Dict[str, Any]:
+        return {"shape": tuple(self.host.shape), "typestr": self._TYPESTR[self.host.element_size()],
+                "data": (self.host.data_ptr(), False), "version": 3, "strides": None}
+
+
+def device_view(host: Any) -> Any:
+    """A CUDA tensor that reads `host` (pinned, contiguous) in place: same address, no copy in GPU memory."""
+    import torch
+
+    as_int = {2: torch.int16, 4: torch.int32, 1: torch.int8, 8: torch.int64}[host.element_size()]
+    view = torch.as_tensor(_PinnedTable(host.view(as_int)), device="cuda").view(host.dtype)
+    if view.data_ptr() != host.data_ptr() or view.device.type != "cuda":
+        # torch copies instead of aliasing when the pointer belongs to another device's context: that would keep
+        # the table on the GPU after all, so say so rather than silently use the memory.
+        raise UserError("train.embeddings_on_host: this GPU cannot read the pinned table in place (no unified "
+                        "addressing for it here); set train.embeddings_on_host=false.")
+    return view
+
+
+def move(model: Any) -> int:
+    """Move the (frozen, untied) input embedding table of a loaded CUDA model to pinned host memory; the bytes
+    freed on the GPU."""
+    import torch
+
+    module = model.get_input_embeddings()
+    weight = module.weight
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None and head.weight.data_ptr() == weight.data_ptr():
+        raise UserError("train.embeddings_on_host=true, but this model's lm_head shares the embedding table (tied "
+                        "weights), which every head GEMM would then read over the host link; set "
+                        "train.embeddings_on_host=false.")
+    if weight.device.type != "cuda":
+        raise UserError(f"train.embeddings_on_host: the embedding table is on {weight.device}, not a CUDA GPU; set "
+                        "train.embeddings_on_host=false.")
+    host = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
+    host.copy_(weight.detach())
+    with torch.cuda.device(weight.device):
+        view = device_view(host)
+    module.weight = torch.nn.Parameter(view, requires_grad=False)
+    module._qforge_host_table = host  # the view already keeps it alive; this names it for whoever looks
+    nbytes = host.numel() * host.element_size()
+    log.info("embeddings: the %d x %d table (%.2f GiB) in pinned host memory, read by the GPU row by row "
+             "(train.embeddings_on_host)", weight.shape[0], weight.shape[1], nbytes / 2**30)
+    return nbytes

@@ -83,17 +83,21 @@ def test_8b_base_weights_are_params_times_bits(shape_dirs: Dict[str, Path], quan
 def test_the_embedding_table_moves_to_host_memory_wherever_it_can(shape_dirs: Dict[str, Path],
                                                                    tmp_path: Path) -> None:
     """train.embeddings_on_host=null: on for one CUDA process with a frozen, untied table; its bytes leave the GPU
-    terms and join the pinned host memory; off under a multi-process strategy, full tuning, a resized vocabulary,
-    a tied head, or on CPU."""
-    model = ["model=local", f"model.name_or_path={shape_dirs['8b']}", "quant=bnb4"]
+    terms and join the pinned host memory, and so do lm_head's where the chunked loss reads it (copied in for the
+    loss only, so it counts at the forward's end, not in backward); off under a multi-process strategy, full
+    tuning, a resized vocabulary, a tied head, or on CPU."""
+    model = ["model=local", f"model.name_or_path={shape_dirs['8b']}", "quant=bnb4", "do_eval=false"]
     embed = SHAPES["8b"]["vocab_size"] * SHAPES["8b"]["hidden_size"] * 2
     on, off = gpu(*model), gpu(*model, "train.embeddings_on_host=false")
     assert on.embeddings_on_host and not off.embeddings_on_host
-    assert term(on, "embeddings") == 0 and term(off, "embeddings") == embed
-    assert on.host_bytes - off.host_bytes == embed
-    assert on.train_peak_bytes == pytest.approx(off.train_peak_bytes - embed)
+    assert term(on, "embeddings") == term(on, "lm_head") == 0 and term(off, "embeddings") == embed
+    assert on.host_bytes - off.host_bytes == 2 * embed
+    assert on.phase_bytes("backward") == pytest.approx(off.phase_bytes("backward") - 2 * embed)
+    assert on.phase_bytes("forward end (loss)") == pytest.approx(off.phase_bytes("forward end (loss)") - embed)
     assert any("table in pinned host memory" in note for note in on.assumptions)
-    assert term(on, "lm_head") == embed  # the head's GEMMs read their weight from the GPU
+    stock = gpu(*model, "train.fused_ce=false")  # the stock head's backward reads its weight: it stays
+    assert stock.embeddings_on_host and term(stock, "lm_head") == embed and term(stock, "embeddings") == 0
+    assert stock.host_bytes - gpu(*model, "train.fused_ce=false", "train.embeddings_on_host=false").host_bytes == embed
     launch = ["launcher=torchrun", "launcher.nproc_per_node=2"]
     for stays in (["strategy=ddp", *launch], ["strategy=fsdp", *launch], ["peft=full"], ["model.resize_vocab=true"]):
         p = gpu(*model, *stays)
@@ -381,7 +385,7 @@ def test_bnb8_keeps_the_outlier_columns_of_down_proj_a_second_time(shape_dirs: D
 def test_eval_holds_one_chunk_of_logits_with_the_chunked_loss_and_the_whole_batch_without(
         shape_dirs: Dict[str, Path]) -> None:
     model = ["model=local", f"model.name_or_path={shape_dirs['8b']}", "quant=bnb4", "train.max_seq_len=2048",
-             "train.eval_batch_size=8"]
+             "train.eval_batch_size=8", "train.embeddings_on_host=false"]  # the head held, not copied in
     stock = gpu(*model, "train.fused_ce=false")
     assert stock.peak_phase.name == "eval forward"  # 16k tokens of bf16 + fp32 logits and fp32 log-softmax
     assert stock.phase_bytes("eval forward") - stock.static_bytes > 10 * 8 * 2048 * 128256

@@ -22,6 +22,8 @@ IGNORE_INDEX = -100
 # Elements of fp32 logits per chunk (2^27 = 512 MiB): small next to activations, large enough to keep
 # the matmuls efficient (about 1k tokens per chunk at a 128k vocabulary).
 CHUNK_ELEMENTS = 1 << 27
+# The attribute of lm_head that holds its weight in pinned host memory (set by trainer.host_embeddings).
+HOST_COPY = "_qforge_host_weight"
 
 
 def _ce_chunks(hidden: Any, weight: Any, targets: Any, want_grad: bool) -> tuple:
@@ -113,6 +115,13 @@ def _whole(weight: Any) -> Any:
     return weight.full_tensor() if isinstance(weight, DTensor) else weight
 
 
+def head_weight(head: Any, device: Any) -> Any:
+    """lm_head's weight in the memory of `device`: copied in from pinned host memory (non-blocking, on the current
+    stream) where trainer.host_embeddings keeps it there, else the weight itself."""
+    host = getattr(head, HOST_COPY, None)
+    return head.weight if host is None else host.to(device, non_blocking=True)
+
+
 def fusable(model: Any) -> bool:
     """A causal LM whose head is a plain frozen linear layer on top of `model.model` (Llama, Mistral, Qwen2...)."""
     import torch
@@ -152,8 +161,13 @@ def install(model: Any, use_liger: bool = False) -> bool:
         # liger's kernel is a training kernel (it computes the hidden states' gradient as it goes); without
         # autograd the torch loop is the same value at one chunk of memory.
         liger = use_liger and torch.is_grad_enabled()
-        loss = linear_cross_entropy(outputs.last_hidden_state, self.lm_head.weight, labels, num_items, liger)
+        hidden = outputs.last_hidden_state
+        # The head's weight in GPU memory: a copy for this loss only where it lives in host memory
+        # (train.embeddings_on_host); nothing here keeps it for backward.
+        weight = head_weight(self.lm_head, hidden.device)
+        loss = linear_cross_entropy(hidden, weight, labels, num_items, liger)
         return CausalLMOutputWithPast(loss=loss, logits=None)
 
     model.forward = MethodType(forward, model)
+    model._qforge_chunked_loss = True  # trainer.host_embeddings moves the head only where this loss reads it
     return True

@@ -94,9 +94,17 @@ def device_view(host: Any) -> Any:
     return view
 
 
+def _pinned_copy(weight: Any) -> Any:
+    import torch
+
+    host = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
+    host.copy_(weight.detach())
+    return host
+
+
 def move(model: Any) -> int:
-    """Move the (frozen, untied) input embedding table of a loaded CUDA model to pinned host memory; the bytes
-    freed on the GPU."""
+    """Move the (frozen, untied) input embedding table of a loaded CUDA model to pinned host memory, and lm_head's
+    weight too where the chunked loss reads it (trainer/fused_loss.py installed); the bytes freed on the GPU."""
     import torch
 
     module = model.get_input_embeddings()
@@ -109,8 +117,7 @@ def move(model: Any) -> int:
     if weight.device.type != "cuda":
         raise UserError(f"train.embeddings_on_host: the embedding table is on {weight.device}, not a CUDA GPU; set "
                         "train.embeddings_on_host=false.")
-    host = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
-    host.copy_(weight.detach())
+    host = _pinned_copy(weight)
     with torch.cuda.device(weight.device):
         view = device_view(host)
     module.weight = torch.nn.Parameter(view, requires_grad=False)
@@ -118,4 +125,32 @@ def move(model: Any) -> int:
     nbytes = host.numel() * host.element_size()
     log.info("embeddings: the %d x %d table (%.2f GiB) in pinned host memory, read by the GPU row by row "
              "(train.embeddings_on_host)", weight.shape[0], weight.shape[1], nbytes / 2**30)
+    if getattr(model, "_qforge_chunked_loss", False) and head is not None:
+        nbytes += _move_head(head)
+    return nbytes
+
+
+def _move_head(head: Any) -> int:
+    """lm_head's weight to pinned host memory: the chunked loss copies it in for the loss (trainer/fused_loss.py
+    head_weight) and keeps nothing for backward, so the GPU holds it only while the loss runs, not at the
+    backward's peak. The module's weight becomes a view of the host copy (device checks and .to() see a CUDA
+    tensor), and its own forward (generation, unlabelled calls) copies the weight in the same way."""
+    import torch
+
+    from trainer.fused_loss import HOST_COPY, head_weight
+
+    weight = head.weight
+    host = _pinned_copy(weight)
+    with torch.cuda.device(weight.device):
+        view = device_view(host)
+    head.weight = torch.nn.Parameter(view, requires_grad=False)
+    setattr(head, HOST_COPY, host)
+
+    def forward(hidden: Any) -> Any:
+        return torch.nn.functional.linear(hidden, head_weight(head, hidden.device))
+
+    head.forward = forward
+    nbytes = host.numel() * host.element_size()
+    log.info("lm_head: its %.2f GiB weight in pinned host memory, copied in for each loss (train.embeddings_on_host)",
+             nbytes / 2**30)
     return nbytes

@@ -699,13 +699,17 @@ def _predict(x: Inputs, checkpointed: int, resolved: Any, auto_note: str) -> Pre
         static.append(Term("quantization constants" + (" (not sharded)" if shard > 1 else ""), consts))
     embed = s.vocab * H * c
     on_host = embeddings_on_host(x)
+    # lm_head follows the table to the host where the chunked loss reads it: copied in for the loss only
+    head_on_host = on_host and _fused_ce(x)
+    head_copy = [Term("lm_head, copied in from host memory for the loss", embed)] if head_on_host else []
     if on_host:
-        notes.append(f"embeddings: the {_g(embed)} table in pinned host memory, read by the GPU row by row "
-                     "(train.embeddings_on_host)")
+        notes.append(f"embeddings: the {_g(embed)} table in pinned host memory, read by the GPU row by row"
+                     + (", and lm_head's weight, copied in for each loss" if head_on_host else "")
+                     + " (train.embeddings_on_host)")
     static.append(Term("embeddings" + (" (tied with lm_head)" if s.tied else "") + each,
                        0.0 if on_host else local(embed, s.vocab, H)))
     if not s.tied:
-        static.append(Term("lm_head" + each, local(embed, s.vocab, H)))
+        static.append(Term("lm_head" + each, 0.0 if head_on_host else local(embed, s.vocab, H)))
     norm_bytes = c if ds_cast or not x.upcast_layernorm else 4
     norms = sum(local(H * norm_bytes, H) for _ in range(2 * layers + 1))
     if s.qkv_bias:
@@ -786,7 +790,7 @@ def _predict(x: Inputs, checkpointed: int, resolved: Any, auto_note: str) -> Pre
 
     if x.do_train:
         phases.append(Phase("forward end (loss)", scaled([*act.kept, *act.model_fwd], cal.activations)
-                            + scaled(act.loss, cal.transients) + gathered_fwd))
+                            + scaled(act.loss, cal.transients) + gathered_fwd + head_copy))
         backward = scaled([*act.kept_bwd, *act.model_bwd], cal.activations) + scaled(act.backward, cal.transients)
         if x.peft == "full" and not s.tied:
             backward.append(Term("lm_head gradient", local(embed, s.vocab, H)))
@@ -798,7 +802,7 @@ def _predict(x: Inputs, checkpointed: int, resolved: Any, auto_note: str) -> Pre
             Term("optimizer step temporaries (one state-sized tensor)",
                  0.0 if optimizer_offloaded else count * (4 if zero else param_bytes) / opt_shard)]))
     if x.do_eval:
-        phases.append(Phase("eval forward", scaled(act.eval, cal.transients) + gathered_fwd))
+        phases.append(Phase("eval forward", scaled(act.eval, cal.transients) + gathered_fwd + head_copy))
     load = _load_phase(x, linears, embed)
     if load is not None:
         phases.append(load)
@@ -807,7 +811,8 @@ def _predict(x: Inputs, checkpointed: int, resolved: Any, auto_note: str) -> Pre
         strategy=strategy, tokens=act.tokens, layers=layers, checkpointed=checkpointed, checkpoint_layers=resolved,
         offload_layers=offloaded_layers(x, checkpointed) if x.offload_activations else None,
         auto=auto_note, static=static, phases=phases, target_gib=x.target_gib, target_source=x.target_source,
-        assumptions=notes + act.notes, host_bytes=(act.host if x.do_train else 0.0) + (embed if on_host else 0.0),
+        assumptions=notes + act.notes,
+        host_bytes=(act.host if x.do_train else 0.0) + embed * (int(on_host) + int(head_on_host)),
         embeddings_on_host=on_host,
     )
 

@@ -96,7 +96,7 @@ def _host_details(cfg: Any) -> Dict[str, Any]:
         moves.append(f"set {checkpoint_all} (only the layer inputs go to the host: {inputs_only / GIB:.1f} GiB per "
                      "GPU) or train.offload_activations=false")
     if p.embeddings_on_host:
-        moves.append(f"set train.embeddings_on_host=false (the table's {table / GIB:.1f} GiB go back to the GPU)")
+        moves.append(f"set train.embeddings_on_host=false (its {table / GIB:.1f} GiB go back to the GPU)")
     return {
         "pinning": " and ".join(pinning),
         "moves": "; or ".join(moves),

@@ -225,7 +225,8 @@ def _auto_8b(tmp_path: Path, gpu_mem_gib: float) -> Any:
     return memory.predict(compose(
         ["model=local", f"model.name_or_path={tmp_path}", "train.max_seq_len=2048", "train.batch_size=4",
          "do_eval=false", "quant=bnb4", "train.checkpoint_layers=auto", "train.offload_activations=true",
-         f"train.gpu_mem_gib={gpu_mem_gib}", "train.host_mem_gib=512"]), device="cuda")
+         f"train.gpu_mem_gib={gpu_mem_gib}", "train.host_mem_gib=512",
+         "train.embeddings_on_host=false"]), device="cuda")  # the splits below are for the table on the GPU
 
 
 def test_the_offload_ladder_needs_no_more_memory_at_each_rung(tmp_path: Path) -> None:
@@ -334,7 +335,7 @@ def _offloaded_8b(tmp_path: Path, *extra: str) -> List[str]:
     (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
     return ["model=local", f"model.name_or_path={tmp_path}", "quant=bnb4", "train.max_seq_len=2048",
             "train.batch_size=4", "do_eval=false", "train.gpu_mem_gib=12", "train.offload_activations=true",
-            "train.checkpoint_layers=auto", *extra]
+            "train.checkpoint_layers=auto", "train.embeddings_on_host=false", *extra]  # activations' pinned bytes only
 
 
 def test_offload_that_would_not_fit_in_host_memory_is_refused_before_anything_runs(tmp_path: Path,

@@ -94,6 +94,22 @@ def device_view(host: Any) -> Any:
     return view
 
 
+def _wide_lookup(module: Any) -> Any:
+    """The lookup as a gather of 8-byte words: the stock kernel reads one 2-byte element per thread, which over
+    the host link is latency-bound; the same rows read as int64 take a quarter of the requests. The result is
+    the same bytes (a frozen table: no gradient, so padding_idx changes nothing)."""
+    import torch
+
+    weight = module.weight
+    words = weight.view(torch.int64)  # [rows, hidden * element_size / 8], still the host memory
+
+    def forward(ids: Any) -> Any:
+        rows = torch.index_select(words, 0, ids.reshape(-1))
+        return rows.view(weight.dtype).reshape(*ids.shape, weight.shape[1])
+
+    return forward
+
+
 def _pinned_copy(weight: Any) -> Any:
     import torch
 
@@ -122,6 +138,8 @@ def move(model: Any) -> int:
         view = device_view(host)
     module.weight = torch.nn.Parameter(view, requires_grad=False)
     module._qforge_host_table = host  # the view already keeps it alive; this names it for whoever looks
+    if getattr(module, "max_norm", None) is None and weight.shape[1] * weight.element_size() % 8 == 0:
+        module.forward = _wide_lookup(module)
     nbytes = host.numel() * host.element_size()
     log.info("embeddings: the %d x %d table (%.2f GiB) in pinned host memory, read by the GPU row by row "
              "(train.embeddings_on_host)", weight.shape[0], weight.shape[1], nbytes / 2**30)

@@ -116,9 +116,9 @@ def load_for_training(plan: Any) -> Tuple[Any, Any]:
         resize_vocab(model, tokenizer)
     model = prepare_for_training(model, plan.model, plan.quant.trains_quantized,
                                  plan.speed.gradient_checkpointing)
-    if plan.speed.embeddings_on_host:  # before peft wraps anything, so its modules read the moved table
-        host_embeddings.move(model)
     model = speed.apply(model, plan.speed, plan.model.upcast_layernorm)  # before the adapter wraps the model
+    if plan.speed.embeddings_on_host:  # after the chunked loss is installed (it decides the head), before peft
+        host_embeddings.move(model)
     model = attach(model, plan.peft, plan.model)
     model = speed.apply_to_adapter(model, plan.speed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

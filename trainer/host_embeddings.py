@@ -110,18 +110,22 @@ def _wide_lookup(module: Any) -> Any:
     return forward
 
 
-def _pinned_copy(weight: Any) -> Any:
+def _to_host(module: Any) -> Any:
+    """Replace `module.weight` (on a CUDA GPU) with a frozen view of a pinned host copy; the host copy."""
     import torch
 
+    weight = module.weight
     host = torch.empty(weight.shape, dtype=weight.dtype, pin_memory=True)
     host.copy_(weight.detach())
+    with torch.cuda.device(weight.device):
+        view = device_view(host)
+    module.weight = torch.nn.Parameter(view, requires_grad=False)
     return host
 
 
 def move(model: Any) -> int:
     """Move the (frozen, untied) input embedding table of a loaded CUDA model to pinned host memory, and lm_head's
     weight too where the chunked loss reads it (trainer/fused_loss.py installed); the bytes freed on the GPU."""
-    import torch
 
     module = model.get_input_embeddings()
     weight = module.weight
@@ -133,10 +137,7 @@ def move(model: Any) -> int:
     if weight.device.type != "cuda":
         raise UserError(f"train.embeddings_on_host: the embedding table is on {weight.device}, not a CUDA GPU; set "
                         "train.embeddings_on_host=false.")
-    host = _pinned_copy(weight)
-    with torch.cuda.device(weight.device):
-        view = device_view(host)
-    module.weight = torch.nn.Parameter(view, requires_grad=False)
+    host = _to_host(module)
     module._qforge_host_table = host  # the view already keeps it alive; this names it for whoever looks
     if getattr(module, "max_norm", None) is None and weight.shape[1] * weight.element_size() % 8 == 0:
         module.forward = _wide_lookup(module)
@@ -157,11 +158,7 @@ def _move_head(head: Any) -> int:
 
     from trainer.fused_loss import HOST_COPY, head_weight
 
-    weight = head.weight
-    host = _pinned_copy(weight)
-    with torch.cuda.device(weight.device):
-        view = device_view(host)
-    head.weight = torch.nn.Parameter(view, requires_grad=False)
+    host = _to_host(head)
     setattr(head, HOST_COPY, host)
 
     def forward(hidden: Any) -> Any:

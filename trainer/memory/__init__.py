@@ -821,8 +821,6 @@ def embeddings_on_host(x: Inputs) -> bool:
     """train.embeddings_on_host for these inputs: null is on wherever trainer/host_embeddings says it applies."""
     from trainer import host_embeddings
 
-    if x.embeddings_on_host is False:
-        return False
     return host_embeddings.resolve(x.embeddings_on_host, embeddings_reason(x))
 
 

@@ -287,3 +287,110 @@ def test_auto_sends_small_calls_to_peft_and_large_ones_to_the_fused_branch(monke
     monkeypatch.setattr(lora_fused, "MIN_TOKENS_X_HIDDEN", 64 * 64)
     model(x).sum().backward()
     assert calls == [1]
+
+
+def _count_4bit_nodes(monkeypatch) -> list:
+    from trainer.lora_qlinear import QLoraLinear4bit
+
+    calls: list = []
+    original = QLoraLinear4bit.apply
+    monkeypatch.setattr(QLoraLinear4bit, "apply", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_bnb4_base_joins_the_branch_in_one_node_with_the_same_values(monkeypatch, dropout: float) -> None:
+    """The 4-bit base product runs inside the branch's node (lora_qlinear.py) on every adapted layer, and the loss
+    and adapter grads equal bitsandbytes' own matmul + the fused branch (the same dropout draws)."""
+    pytest.importorskip("bitsandbytes")
+    calls = _count_4bit_nodes(monkeypatch)
+    one_node = _loss_and_grads(_tiny_bnb4_lora(dropout, True, fused=True))
+    layers = 7 * 2  # the tiny model's adapted layers: forward, then checkpointing's replay in backward
+    assert len(calls) == layers * _tiny_bnb4_lora(0.0, False, fused=False).config.num_hidden_layers
+    monkeypatch.setattr(lora_fused, "FUSE_4BIT_BASE", False)
+    calls.clear()
+    two_nodes = _loss_and_grads(_tiny_bnb4_lora(dropout, True, fused=True))
+    assert calls == []
+    _same(one_node, two_nodes)
+
+
+def test_bnb4_node_keeps_nothing_weight_sized_and_dequantizes_like_bitsandbytes() -> None:
+    """Backward gets the weight by dequantizing again: nothing of W is saved; the weight is bitsandbytes' own."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from trainer import lora_qlinear
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(256, 128, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                              compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(torch.randn(128, 256) * 0.05, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    layer = layer.to("cpu")
+    x = torch.randn(3, 16, 256, requires_grad=True)
+    assert lora_qlinear.applies(layer, x)
+    state = layer.weight.quant_state
+    import bitsandbytes.functional as bnb_functional
+
+    torch.testing.assert_close(lora_qlinear.dequantize(layer.weight, state, torch.float32),
+                               bnb_functional.dequantize_4bit(layer.weight, state).float())
+    a, b = torch.randn(8, 256, requires_grad=True), torch.randn(128, 8, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = lora_qlinear.forward(layer, x, a, b, 0.0, 2.0)
+    assert not [t for t in saved if t.numel() >= 128 * 256 // 2]  # neither W nor its packed bytes
+    out.sum().backward()
+    grads = (out.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
+    for t in (x, a, b):
+        t.grad = None
+    ref = layer(x) + (x @ a.t()) @ b.t() * 2.0
+    ref.sum().backward()
+    _close(grads, (ref.detach(), x.grad, a.grad, b.grad), tol=1e-4)
+
+
+def test_bnb4_node_skips_layers_it_cannot_read() -> None:
+    bnb = pytest.importorskip("bitsandbytes")
+    from trainer import lora_qlinear
+
+    with_bias = bnb.nn.Linear4bit(64, 32, bias=True, quant_type="nf4")
+    with_bias.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4")
+    with_bias = with_bias.to("cpu")
+    assert not lora_qlinear.applies(with_bias, torch.randn(2, 64))
+    assert not lora_qlinear.applies(torch.nn.Linear(64, 32, bias=False), torch.randn(2, 64))
+
+
+@pytest.mark.gpu
+def test_cuda_bnb4_node_calls_the_kernels_directly_and_matches_bitsandbytes() -> None:
+    """On CUDA in bf16, with double quant: the dequantize launchers are bitsandbytes' own (found, not the
+    fallback), the weight is bit-identical to its dequantize_4bit, and output and grads match its matmul + the
+    branch (bf16 products summed in another order: compared as a whole)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnb_functional
+
+    from trainer import lora_qlinear
+
+    assert lora_qlinear._cuda_kernels() is not None
+    dev, dtype = torch.device("cuda"), torch.bfloat16
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(1024, 2048, bias=False, compute_dtype=dtype, quant_type="nf4",
+                              compress_statistics=True)
+    layer.weight = bnb.nn.Params4bit(torch.randn(2048, 1024) * 0.05, requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True)
+    layer = layer.to(dev)
+    state = layer.weight.quant_state
+    assert state.nested
+    assert torch.equal(lora_qlinear.dequantize(layer.weight, state, dtype),
+                       bnb_functional.dequantize_4bit(layer.weight, state).to(dtype))
+    x = torch.randn(4, 1024, 1024, device=dev, dtype=dtype, requires_grad=True)
+    a = (torch.randn(16, 1024, device=dev) * 0.02).requires_grad_(True)
+    b = (torch.randn(2048, 16, device=dev) * 0.02).requires_grad_(True)
+    weights = torch.linspace(-1, 1, 2048, device=dev, dtype=dtype)
+
+    def run(one_node: bool) -> tuple:
+        for t in (x, a, b):
+            t.grad = None
+        out = (lora_qlinear.forward(layer, x, a, b, 0.0, 2.0) if one_node
+               else LoraBranch.apply(layer(x), x, a, b, 0.0, 2.0))
+        (out * weights).sum().backward()
+        return out.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone()
+
+    for left, right in zip(run(True), run(False), strict=True):
+        assert float((left.float() - right.float()).norm() / right.float().norm()) < 1e-2

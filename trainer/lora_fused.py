@@ -119,6 +119,11 @@ def _replay_mask(like: torch.Tensor, p: float, state: torch.Tensor) -> torch.Ten
 MIN_TOKENS_X_HIDDEN = int(os.environ.get("QFORGE_FUSED_LORA_MIN_WORK", 2**25))
 
 
+# A bitsandbytes 4-bit base layer and the branch run as one autograd node (lora_qlinear.py). Same kernels and
+# values; QFORGE_FUSED_4BIT_BASE=0 keeps bitsandbytes' own matmul, for a before/after measurement.
+FUSE_4BIT_BASE = os.environ.get("QFORGE_FUSED_4BIT_BASE", "1") != "0"
+
+
 def pays(hidden_size: int, tokens_per_step: int) -> bool:
     """Whether a training step carries enough work per LoRA call for the fused branch (see above)."""
     return hidden_size * tokens_per_step >= MIN_TOKENS_X_HIDDEN
@@ -254,11 +259,16 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     if name is None or small:
         return self._qforge_peft_forward(x, *args, **kwargs)
     kwargs.pop("alora_offsets", None)  # a variant-only keyword peft strips before the base layer
-    result = self.base_layer(x, *args, **kwargs)
     dropout = self.lora_dropout[name]
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
-    return LoraBranch.apply(result, x, self.lora_A[name].weight, self.lora_B[name].weight, p,
-                            float(self.scaling[name]))
+    weight_a, weight_b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
+    if FUSE_4BIT_BASE and not args and not kwargs:
+        from trainer import lora_qlinear
+
+        if lora_qlinear.applies(self.base_layer, x):  # a bnb 4-bit base: its product joins the branch's node
+            return lora_qlinear.forward(self.base_layer, x, weight_a, weight_b, p, scaling)
+    result = self.base_layer(x, *args, **kwargs)
+    return LoraBranch.apply(result, x, weight_a, weight_b, p, scaling)
 
 
 def _remember_norm_output(module: Any, args: Any, output: Any) -> None:

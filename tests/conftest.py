@@ -20,6 +20,9 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.pop("WANDB_API_KEY", None)
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Plans depend on the host's available memory (train.offload_activations=null, trainer/memory/host.py): every
+    # machine's tests plan for the same 24 GiB, the CI machine's size, whatever this one has free.
+    os.environ["QFORGE_HOST_AVAILABLE_GIB"] = "24"
     # One cache per test session: the tiny model is built once, by the suite itself.
     if "QFORGE_CACHE" not in os.environ:
         cache = Path(config.rootpath) / ".pytest_cache" / "qforge-models"

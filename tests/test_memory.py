@@ -252,7 +252,7 @@ def test_sharded_bnb4_loads_whole_on_every_gpu(shape_dirs: Dict[str, Path]) -> N
 
 def test_checkpointing_more_layers_never_needs_more(shape_dirs: Dict[str, Path]) -> None:
     model = ["model=local", f"model.name_or_path={shape_dirs['8b']}", "quant=bnb4", "do_eval=false",
-             "train.max_seq_len=2048", "model.liger=true"]
+             "train.max_seq_len=2048", "model.liger=true", "train.offload_activations=false"]
     peaks = [gpu(*model, f"train.checkpoint_layers={n}").train_peak_bytes for n in range(0, 33, 4)]
     assert all(a >= b for a, b in zip(peaks, peaks[1:])), peaks
     assert peaks[0] > 3 * peaks[-1]
@@ -322,7 +322,7 @@ def test_prediction_reproduces_the_recorded_gpu_measurements(shape_dirs: Dict[st
     for shape, extra, packed, measured, where in RECORDED:
         p = gpu("model=local", f"model.name_or_path={shape_dirs[shape]}", "quant=bnb4", "peft=lora",
                 "train.max_seq_len=2048", "train.batch_size=4", "do_eval=false", "model.liger=true",
-                "train.embeddings_on_host=false", *extra, packed_rows=packed)
+                "train.embeddings_on_host=false", "train.offload_activations=false", *extra, packed_rows=packed)
         error = p.train_peak_bytes / GIB / measured - 1
         errors.append(abs(error))
         assert abs(error) < 0.08, f"{where}: predicted {p.train_peak_bytes / GIB:.2f} GiB, measured {measured}"
@@ -357,7 +357,7 @@ def test_docs_memory_shows_the_current_predictions_for_the_recorded_rows(shape_d
     for shape, extra, packed, measured, where in RECORDED:
         p = gpu("model=local", f"model.name_or_path={shape_dirs[shape]}", "quant=bnb4", "peft=lora",
                 "train.max_seq_len=2048", "train.batch_size=4", "do_eval=false", "model.liger=true",
-                "train.embeddings_on_host=false", *extra, packed_rows=packed)
+                "train.embeddings_on_host=false", "train.offload_activations=false", *extra, packed_rows=packed)
         row = next(line for line in doc.splitlines() if line.startswith(f"| {where} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[4:6] == [f"{measured:.2f}", f"{p.train_peak_bytes / GIB:.2f}"], \

@@ -283,7 +283,7 @@ def test_the_memory_model_counts_the_layers_that_keep_their_activations(tmp_path
 
 
 @pytest.mark.parametrize("overrides, problem", [
-    (["train.offload_layers=4"], "train.offload_activations is false"),
+    (["train.offload_layers=4"], "train.offload_activations is not true"),
     (["train.offload_activations=true", "train.offload_layers=4", "train.checkpoint_layers=auto"],
      "chooses how many layers offload as well"),
     (["train.offload_activations=true", "train.offload_layers=4"], "every decoder layer is checkpointed"),
@@ -451,3 +451,69 @@ def test_offload_layers_without_checkpointing_is_accepted(tmp_path: Path) -> Non
                 if v.rule_id == "train.offload_layers"]
     assert len(too_many) == 1 and "than the 4 layers of 4 that are not checkpointed (gradient checkpointing is off)" \
         in too_many[0].message
+
+
+# ---- train.offload_activations=null: on by default where it applies ----
+
+def _default_8b(tmp_path: Path, *extra: str) -> List[str]:
+    """Work item a of bench/ (Llama-3-8B, 4 x 2048 tokens) planned for one GPU of a Slurm node with 64 GiB of host
+    memory: the plan is for CUDA though this machine has none."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    from trainer.assets import __file__ as assets_init
+
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (tmp_path / name).write_bytes((Path(assets_init).parent / "tokenizer" / name).read_bytes())
+    return ["model=local", f"model.name_or_path={tmp_path}", "quant=bnb4", "train.max_seq_len=2048",
+            "train.batch_size=4", "do_eval=false", "launcher=slurm", "launcher.slurm.gpus_per_node=1",
+            "launcher.slurm.gpu_mem_gib=141", "train.host_mem_gib=64", *extra]
+
+
+def test_the_default_offloads_half_the_layers_whole_and_checkpoints_the_rest(tmp_path: Path) -> None:
+    from trainer.plan import build_plan
+
+    plan = build_plan(compose(_default_8b(tmp_path)))
+    assert plan.speed.offload_activations and plan.speed.checkpoint_layers == 16 and plan.speed.offload_layers is None
+    assert "on by default" in plan.memory["activation_offload"]
+    default = memory.predict(compose(_default_8b(tmp_path)))
+    off = memory.predict(compose(_default_8b(tmp_path, "train.offload_activations=false")))
+    assert default.offload_by_default and (default.checkpointed, default.offload_layers) == (16, 16)
+    assert not off.offload_activations and off.checkpointed == 32
+    assert default.host_bytes > off.host_bytes
+    # An explicit true keeps its own meaning: every layer checkpointed, only the inputs on the host.
+    explicit = memory.predict(compose(_default_8b(tmp_path, "train.offload_activations=true")))
+    assert explicit.offload_activations and not explicit.offload_by_default and explicit.checkpointed == 32
+    assert explicit.host_bytes < default.host_bytes
+
+
+@pytest.mark.parametrize("extra, why", [
+    (["train.host_mem_gib=16"], None),  # the pinned bytes would take more than half of it
+    (["train.batch_size=1"], "under the work"),
+    (["train.checkpoint_layers=8"], "train.checkpoint_layers is set"),
+    (["launcher.slurm.gpus_per_node=2"], "more than one process"),
+    (["train.gradient_checkpointing=false"], "gradient checkpointing is off"),
+    (["train.offload_activations=false"], None),
+])
+def test_the_default_leaves_offload_off_where_it_does_not_apply(tmp_path: Path, extra: List[str],
+                                                                why: Union[str, None]) -> None:
+    from trainer.plan import build_plan
+
+    cfg = compose(_default_8b(tmp_path, *extra))
+    p, x = memory.predict_with_inputs(cfg)
+    assert p.known and not p.offload_activations and not p.offload_by_default
+    assert not build_plan(cfg).speed.offload_activations
+    if why is not None:
+        undecided = dataclasses.replace(x, offload_auto=True)
+        assert why in memory.offload_default_reason(undecided)
+
+
+def test_a_gpu_too_small_for_the_default_is_told_to_checkpoint_every_layer_with_offload(tmp_path: Path) -> None:
+    """Under the default split the memory rule's cheapest fix is an explicit offload with every layer
+    checkpointed (the least GPU memory), not train.checkpoint_layers=null, which is what the run already says."""
+    # Work item L (one 16k-token row): there the default split is predicted to need less than every layer
+    # checkpointed, so it stays on where neither fits.
+    cfg = compose(_default_8b(tmp_path, "train.max_seq_len=16384", "train.batch_size=1", "train.packing=false",
+                              "train.host_mem_gib=256", "launcher.slurm.gpu_mem_gib=11"))
+    p, x = memory.predict_with_inputs(cfg)
+    assert p.offload_by_default
+    found = memory.fixes(p, x)
+    assert "train.offload_activations=true" in found and "train.checkpoint_layers=null" not in found

@@ -74,9 +74,13 @@ def build_plan(cfg: Any, run_dir: Optional[str] = None) -> RunPlan:
     strat = chosen(cfg).plan(cfg, device=device, compute_dtype=dtype, world_size=size,
                              decoder_layer=families.DECODER_LAYERS[model.family])
     memory = predict(cfg)
-    speed = speed_spec(cfg, checkpoint_layers=_checkpoint_layers(cfg, memory),
-                       offload_layers=_offload_layers(cfg, memory),
-                       embeddings_on_host=device == "cuda" and memory.known and memory.embeddings_on_host)
+    # train.offload_activations=null: the memory model turned it on, with its own split, where it applies.
+    by_default = device == "cuda" and memory.known and memory.offload_by_default
+    checkpoint_layers = memory.checkpoint_layers if by_default else _checkpoint_layers(cfg, memory)
+    speed = speed_spec(cfg, checkpoint_layers=checkpoint_layers,
+                       offload_layers=None if by_default else _offload_layers(cfg, memory),
+                       embeddings_on_host=device == "cuda" and memory.known and memory.embeddings_on_host,
+                       offload_activations=bool(cfg.train.offload_activations) or by_default)
     return RunPlan(
         run_dir=run_dir,
         run_name=cfg.run_name or os.path.basename(run_dir),

@@ -303,8 +303,11 @@ class TrainLoop:
     checkpoint_layers: Any = None
     # What the decoder layers keep for backward lives in pinned host memory instead of GPU memory, copied on a
     # side stream and brought back one layer ahead during backward (trainer/offload.py): a checkpointed layer's
-    # input, all of an un-checkpointed layer's saved activations (no recompute). Needs CUDA.
-    offload_activations: bool = False
+    # input, all of an un-checkpointed layer's saved activations (no recompute). Needs CUDA. Null: on by default
+    # where it was measured to pay and fits (one CUDA process, train.checkpoint_layers null, a step of at least
+    # 2**25 tokens x hidden, the pinned bytes within the host's share, no more GPU memory than without it), with half
+    # the layers offloaded whole and half checkpointed (trainer/memory offload_default_reason); false: off.
+    offload_activations: Optional[bool] = None
     # With offload_activations: how many of the un-checkpointed layers move everything they save to the host; the
     # others (spread among them) keep it on the GPU, with neither copies nor recompute. Null: all of them,
     # or, with checkpoint_layers=auto, the memory model's choice (as many kept as fit, then offloaded, then

@@ -144,6 +144,8 @@ class Inputs:
     # pretrained model's (INT8_OUTLIER_SHARE); bench/memory_bench.py passes what it measured on its checkpoint.
     int8_outlier_share: float = INT8_OUTLIER_SHARE
     offload_activations: bool = False  # train.offload_activations: what the layers save goes to host memory
+    # train.offload_activations=null: on by default where it applies (offload_by_default), decided with the shape
+    offload_auto: bool = False
     compile: bool = False  # train.compile: peft's LoRA forward, never the fused branch
     # Pinned host bytes one process may take under offload (HOST_SHARE of the node's memory over its processes,
     # whole GiB so that one plan sees one figure), or None where the node's memory is not known.
@@ -234,8 +236,9 @@ def inputs_from_cfg(cfg: Any, device: Optional[str] = None, packed_rows: Optiona
         device_map_auto=model.device_map is not None,
         target_gib=target, target_source=target_source,
         offload_activations=bool(train.offload_activations) and device == "cuda",
+        offload_auto=train.offload_activations is None and device == "cuda",
         offload_layers=_offload_layers(train) if train.offload_activations and device == "cuda" else None,
-        host_budget=_host_budget(cfg) if train.offload_activations and device == "cuda" else None,
+        host_budget=_host_budget(cfg) if train.offload_activations is not False and device == "cuda" else None,
         compile=bool(train.compile),
         embeddings_on_host=train.embeddings_on_host, resize_vocab=bool(model.resize_vocab),
     )
@@ -314,6 +317,8 @@ class Prediction:
     calibration: Calibration = CALIBRATION
     host_bytes: float = 0.0  # pinned host memory per GPU of train.offload_activations (trainer/memory/host.py)
     embeddings_on_host: bool = False  # train.embeddings_on_host as resolved for this run (trainer/host_embeddings)
+    offload_activations: bool = False  # train.offload_activations as resolved for this run
+    offload_by_default: bool = False  # ... turned on by its null default (offload_by_default below)
 
     @property
     def static_bytes(self) -> float:
@@ -399,6 +404,9 @@ class Prediction:
             **({"offloaded_layers": f"{self.offload_layers} of {self.layers}"}
                if self.offload_layers is not None else {}),
             **({"checkpoint_layers_auto": self.auto} if self.auto else {}),
+            **({"activation_offload": f"on by default (train.offload_activations=null): {self.offload_layers} "
+                                      f"layers offload all they save, {self.checkpointed} are checkpointed with "
+                                      "their input offloaded"} if self.offload_by_default else {}),
             "breakdown_gib": {t.name: round(t.gib, 3) for t in self.breakdown()},
             "peak_phase": phase.name if phase else "",
             "phases_gib": {p.name: round(self.total(p) / GIB, 3) for p in self.phases},
@@ -445,6 +453,7 @@ def predict_with_inputs(cfg: Any, device: Optional[str] = None, packed_rows: Opt
         # liger patches only the model types it has kernels for (trainer.speed.LIGER_MODEL_TYPES).
         liger = x.liger and shape is not None and shape.model_type in LIGER_MODEL_TYPES
         x = dataclasses.replace(x, shape=shape, shape_source=source, liger=liger)
+        x = _with_default_offload(x)
         return predict_inputs(x), x
     except Exception as err:  # noqa: BLE001  (a validator must never crash; tests assert this never happens)
         return Prediction(known=False, reason=f"internal error in trainer.memory: {type(err).__name__}: {err}"), None
@@ -482,6 +491,57 @@ def predict_inputs(x: Inputs) -> Prediction:
     note = (f"{low} of {layers} layers checkpointed, {layers - low} keep their activations: needs "
             f"{_g(found.needed_bytes)} of {x.target_gib:g} GiB, keeping a {MARGIN:.0%} margin")
     return dataclasses.replace(found, checkpoint_layers=None if low >= layers else low, auto=note)
+
+
+# train.offload_activations=null turns offload on where a step carries at least this much work (tokens per step x
+# hidden size), as trainer/lora_fused.py's branch does: measured on the Llama-3-8B shape at 8k and 16k tokens per
+# step on an H200 (bench/RESULTS.md, runs 6-12), where half the layers offloaded whole and half recomputed is
+# 10-15% faster than recomputing every layer and needs less GPU memory. Below it (small models, short steps),
+# where the copies and the pinned buffers were not measured to pay, it stays off.
+OFFLOAD_MIN_WORK = 2**25
+
+
+def offload_default_reason(x: Inputs) -> Optional[str]:
+    """Why train.offload_activations=null leaves offload off for these inputs (None: it turns it on)."""
+    if x.device != "cuda":
+        return "the run is not on a GPU"
+    if x.world != 1 or x.strategy != "single":
+        return "more than one process shares the node's host memory and link (strategy is not single)"
+    if not (x.do_train and x.gradient_checkpointing):
+        return "gradient checkpointing is off"
+    if x.checkpoint_layers is not None:
+        return "train.checkpoint_layers is set (it decides the split by itself)"
+    if x.shape is None:
+        return "the model's shape is not known"
+    if x.shape.hidden * x.batch * x.seq < OFFLOAD_MIN_WORK:
+        return (f"a step of {x.batch * x.seq} tokens x hidden {x.shape.hidden} is under the work where it was "
+                f"measured to pay ({OFFLOAD_MIN_WORK})")
+    if x.host_budget is None:
+        return "the node's host memory is not known (set train.host_mem_gib)"
+    return None
+
+
+def _with_default_offload(x: Inputs) -> Inputs:
+    """train.offload_activations=null: half the layers offloaded whole, half checkpointed with their input
+    offloaded (the split measured fastest at the least memory), where offload_default_reason finds nothing against
+    it, the pinned bytes fit DEFAULT_HOST_SHARE of the host's memory and the run still fits the GPU (where it does not
+    fit either way: needs no more than with every layer checkpointed)."""
+    if not x.offload_auto or offload_default_reason(x) is not None:
+        return dataclasses.replace(x, offload_auto=False)
+    assert x.shape is not None and x.host_budget is not None
+    on = dataclasses.replace(x, offload_activations=True, checkpoint_layers=x.shape.layers // 2, offload_layers=None)
+    with_offload, without = predict_inputs(on), predict_inputs(dataclasses.replace(x, offload_auto=False))
+    from trainer.memory.host import DEFAULT_HOST_SHARE, HOST_SHARE
+
+    # host_budget is HOST_SHARE of the node's memory per process; a default pins at most DEFAULT_HOST_SHARE of it
+    host_budget = x.host_budget * DEFAULT_HOST_SHARE / HOST_SHARE
+    # It must not turn a run that fits the GPU into one that does not; where none fits, only if it needs less.
+    gpu_budget = (1 - MARGIN) * x.target_gib * GIB if x.target_gib is not None else 0.0
+    limit = gpu_budget if without.needed_bytes <= gpu_budget else without.needed_bytes
+    fits = with_offload.needed_bytes <= limit
+    if with_offload.host_bytes > host_budget or not fits:
+        return dataclasses.replace(x, offload_auto=False)
+    return on
 
 
 def offload_ladder(layers: int) -> List[Tuple[int, int]]:
@@ -813,7 +873,8 @@ def _predict(x: Inputs, checkpointed: int, resolved: Any, auto_note: str) -> Pre
         auto=auto_note, static=static, phases=phases, target_gib=x.target_gib, target_source=x.target_source,
         assumptions=notes + act.notes,
         host_bytes=(act.host if x.do_train else 0.0) + embed * (int(on_host) + int(head_on_host)),
-        embeddings_on_host=on_host,
+        embeddings_on_host=on_host, offload_activations=x.offload_activations,
+        offload_by_default=x.offload_auto and x.offload_activations,
     )
 
 
@@ -1145,6 +1206,19 @@ class Fix:
 def _moves(x: Inputs, p: Prediction) -> List[Fix]:
     """Single changes, cheapest for the user first: same training first, then less work per GPU, then less data
     per row. Only changes the rules allow for this composition are offered."""
+    return [dataclasses.replace(move, inputs=_redefault(move.inputs)) for move in _own_moves(x, p)]
+
+
+def _redefault(x: Inputs) -> Inputs:
+    """A move that leaves train.offload_activations at null gets the default decided again for its own inputs
+    (a smaller batch may fall under the work where offload turns on)."""
+    if not x.offload_auto:
+        return x
+    return _with_default_offload(dataclasses.replace(x, offload_activations=False, checkpoint_layers=None,
+                                                     offload_layers=None))
+
+
+def _own_moves(x: Inputs, p: Prediction) -> List[Fix]:
     s = x.shape
     assert s is not None
     moves: List[Fix] = []
@@ -1166,10 +1240,15 @@ def _moves(x: Inputs, p: Prediction) -> List[Fix]:
     unset = " train.offload_layers=null" if x.offload_layers is not None else ""
     if x.do_train and x.offload_activations and x.gradient_checkpointing and x.checkpoint_layers != "auto":
         # under offload, auto keeps, offloads and recomputes layers in the fastest split that fits
+        explicit = " train.offload_activations=true" if x.offload_auto else ""  # null is off beside a set split
         moves.append(Fix("ckpt", "let qforge choose the split of kept / offloaded / recomputed layers "
-                                 f"(train.checkpoint_layers=auto{unset})",
-                         r(x, checkpoint_layers="auto", offload_layers=None)))
-    if x.do_train and (not x.gradient_checkpointing or p.checkpointed < s.layers):
+                                 f"(train.checkpoint_layers=auto{unset}{explicit})",
+                         r(x, checkpoint_layers="auto", offload_layers=None, offload_auto=False)))
+    if x.do_train and x.offload_auto and x.offload_activations:
+        # the default split: every layer checkpointed, only the inputs on the host, needs the least GPU memory
+        moves.append(Fix("ckpt", "checkpoint all layers, their inputs in host memory (train.offload_activations=true)",
+                         r(x, checkpoint_layers=None, offload_layers=None, offload_auto=False)))
+    elif x.do_train and (not x.gradient_checkpointing or p.checkpointed < s.layers):
         moves.append(Fix("ckpt", f"checkpoint all layers (train.checkpoint_layers=null{unset})",
                          r(x, gradient_checkpointing=True, checkpoint_layers=None, offload_layers=None)))
     # train.offload_activations is not offered: what it saves on the GPU it needs in host memory on every rank,

@@ -85,14 +85,16 @@ def _host_details(cfg: Any) -> Dict[str, Any]:
                                                      offload_layers=None, embeddings_on_host=False)).host_bytes \
         if x else 0.0
     train = cfg.train
-    checkpoint_all = "train.checkpoint_layers=null" + \
+    checkpoint_all = "train.offload_activations=true" if train.offload_activations is None else \
+        "train.checkpoint_layers=null" + \
         (" train.offload_layers=null" if train.offload_layers is not None else "") + \
         ("" if train.gradient_checkpointing else " train.gradient_checkpointing=true")
     table = p.host_bytes - predict_inputs(dataclasses.replace(x, embeddings_on_host=False)).host_bytes if x else 0.0
-    pinning = [name for name, on in (("train.offload_activations=true", train.offload_activations),
+    offload_name = "train.offload_activations" + ("=true" if train.offload_activations else " (on by default)")
+    pinning = [name for name, on in ((offload_name, p.offload_activations),
                                      ("train.embeddings_on_host", p.embeddings_on_host)) if on]
     moves = []
-    if train.offload_activations:
+    if p.offload_activations:
         moves.append(f"set {checkpoint_all} (only the layer inputs go to the host: {inputs_only / GIB:.1f} GiB per "
                      "GPU) or train.offload_activations=false")
     if p.embeddings_on_host:
@@ -119,7 +121,7 @@ def _offload_layers_problem(cfg: Any) -> str:
         return f"train.offload_layers must be null or a number of layers, not {value}"
     if not train.offload_activations:
         return "train.offload_layers says how many layers offload their activations, and train.offload_activations " \
-               "is false"
+               "is not true"
     if train.gradient_checkpointing and train.checkpoint_layers == "auto":
         return "train.checkpoint_layers=auto chooses how many layers offload as well, so " \
                f"train.offload_layers={value} cannot be honoured beside it"

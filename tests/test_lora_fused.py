@@ -289,8 +289,14 @@ def test_auto_sends_small_calls_to_peft_and_large_ones_to_the_fused_branch(monke
     assert calls == [1]
 
 
+def _one_node(layer: torch.nn.Module, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The 4-bit base product + a LoRA branch (scaling 2, no dropout) through QLoraLinear4bit, as peft runs it."""
+    return lora_fused.QLoraLinear4bit.apply(layer.weight, x, a, b, 0.0, 2.0, layer.weight.quant_state,
+                                            layer.compute_dtype)
+
+
 def _count_4bit_nodes(monkeypatch) -> list:
-    from trainer.lora_qlinear import QLoraLinear4bit
+    from trainer.lora_fused import QLoraLinear4bit
 
     calls: list = []
     original = QLoraLinear4bit.apply
@@ -300,7 +306,7 @@ def _count_4bit_nodes(monkeypatch) -> list:
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_bnb4_base_joins_the_branch_in_one_node_with_the_same_values(monkeypatch, dropout: float) -> None:
-    """The 4-bit base product runs inside the branch's node (lora_qlinear.py) on every adapted layer, and the loss
+    """The 4-bit base product runs inside the branch's node (bnb4_base.py) on every adapted layer, and the loss
     and adapter grads equal bitsandbytes' own matmul + the fused branch (the same dropout draws)."""
     pytest.importorskip("bitsandbytes")
     calls = _count_4bit_nodes(monkeypatch)
@@ -317,7 +323,7 @@ def test_bnb4_base_joins_the_branch_in_one_node_with_the_same_values(monkeypatch
 def test_bnb4_node_keeps_nothing_weight_sized_and_dequantizes_like_bitsandbytes() -> None:
     """Backward gets the weight by dequantizing again: nothing of W is saved; the weight is bitsandbytes' own."""
     bnb = pytest.importorskip("bitsandbytes")
-    from trainer import lora_qlinear
+    from trainer import bnb4_base
 
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(256, 128, bias=False, compute_dtype=torch.float32, quant_type="nf4",
@@ -326,16 +332,16 @@ def test_bnb4_node_keeps_nothing_weight_sized_and_dequantizes_like_bitsandbytes(
                                      compress_statistics=True)
     layer = layer.to("cpu")
     x = torch.randn(3, 16, 256, requires_grad=True)
-    assert lora_qlinear.applies(layer, x)
+    assert bnb4_base.applies(layer, x)
     state = layer.weight.quant_state
     import bitsandbytes.functional as bnb_functional
 
-    torch.testing.assert_close(lora_qlinear.dequantize(layer.weight, state, torch.float32),
+    torch.testing.assert_close(bnb4_base.dequantize(layer.weight, state, torch.float32),
                                bnb_functional.dequantize_4bit(layer.weight, state).float())
     a, b = torch.randn(8, 256, requires_grad=True), torch.randn(128, 8, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        out = lora_qlinear.forward(layer, x, a, b, 0.0, 2.0)
+        out = _one_node(layer, x, a, b)
     assert not [t for t in saved if t.numel() >= 128 * 256 // 2]  # neither W nor its packed bytes
     out.sum().backward()
     grads = (out.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
@@ -348,13 +354,13 @@ def test_bnb4_node_keeps_nothing_weight_sized_and_dequantizes_like_bitsandbytes(
 
 def test_bnb4_node_skips_layers_it_cannot_read() -> None:
     bnb = pytest.importorskip("bitsandbytes")
-    from trainer import lora_qlinear
+    from trainer import bnb4_base
 
     with_bias = bnb.nn.Linear4bit(64, 32, bias=True, quant_type="nf4")
     with_bias.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4")
     with_bias = with_bias.to("cpu")
-    assert not lora_qlinear.applies(with_bias, torch.randn(2, 64))
-    assert not lora_qlinear.applies(torch.nn.Linear(64, 32, bias=False), torch.randn(2, 64))
+    assert not bnb4_base.applies(with_bias, torch.randn(2, 64))
+    assert not bnb4_base.applies(torch.nn.Linear(64, 32, bias=False), torch.randn(2, 64))
 
 
 @pytest.mark.gpu
@@ -365,9 +371,9 @@ def test_cuda_bnb4_node_calls_the_kernels_directly_and_matches_bitsandbytes() ->
     bnb = pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as bnb_functional
 
-    from trainer import lora_qlinear
+    from trainer import bnb4_base
 
-    assert lora_qlinear._cuda_kernels() is not None
+    assert bnb4_base._cuda_kernels() is not None
     dev, dtype = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(1024, 2048, bias=False, compute_dtype=dtype, quant_type="nf4",
@@ -377,7 +383,7 @@ def test_cuda_bnb4_node_calls_the_kernels_directly_and_matches_bitsandbytes() ->
     layer = layer.to(dev)
     state = layer.weight.quant_state
     assert state.nested
-    assert torch.equal(lora_qlinear.dequantize(layer.weight, state, dtype),
+    assert torch.equal(bnb4_base.dequantize(layer.weight, state, dtype),
                        bnb_functional.dequantize_4bit(layer.weight, state).to(dtype))
     x = torch.randn(4, 1024, 1024, device=dev, dtype=dtype, requires_grad=True)
     a = (torch.randn(16, 1024, device=dev) * 0.02).requires_grad_(True)
@@ -387,7 +393,7 @@ def test_cuda_bnb4_node_calls_the_kernels_directly_and_matches_bitsandbytes() ->
     def run(one_node: bool) -> tuple:
         for t in (x, a, b):
             t.grad = None
-        out = (lora_qlinear.forward(layer, x, a, b, 0.0, 2.0) if one_node
+        out = (_one_node(layer, x, a, b) if one_node
                else LoraBranch.apply(layer(x), x, a, b, 0.0, 2.0))
         (out * weights).sum().backward()
         return out.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone()

@@ -17,6 +17,9 @@ Here, instead:
 - the 1/(1-p) dropout scale and the LoRA scaling are applied to the rank-r activations (N x r);
 - the base result is added inside the second GEMM (addmm), so no clone and no separate add.
 
+Over a bitsandbytes 4-bit base layer the base product joins the same node (QLoraLinear4bit, bnb4_base.py), which
+skips bitsandbytes' own autograd function and its Python per call.
+
 Only vanilla LoRA on peft's Linear / bnb / HQQ layers with one active adapter and no LoRA bias takes this
 path; anything else (DoRA, mixed adapter batches, merged or disabled adapters) runs peft's own forward.
 ZeRO-3 gathers a weight only inside its own module's forward, so it keeps peft's path (speed.py).
@@ -29,6 +32,8 @@ import types
 from typing import Any, Callable, Optional, Tuple
 
 import torch
+
+from trainer import bnb4_base
 
 # peft's LoRA layer classes whose forward is `base_layer(x) + lora_B(lora_A(dropout(x))) * scaling`.
 FUSABLE_CLASSES = ("Linear", "Linear4bit", "Linear8bitLt", "HqqLoraLinear")
@@ -119,7 +124,7 @@ def _replay_mask(like: torch.Tensor, p: float, state: torch.Tensor) -> torch.Ten
 MIN_TOKENS_X_HIDDEN = int(os.environ.get("QFORGE_FUSED_LORA_MIN_WORK", 2**25))
 
 
-# A bitsandbytes 4-bit base layer and the branch run as one autograd node (lora_qlinear.py). Same kernels and
+# A bitsandbytes 4-bit base layer and the branch run as one autograd node (QLoraLinear4bit). Same kernels and
 # values; QFORGE_FUSED_4BIT_BASE=0 keeps bitsandbytes' own matmul, for a before/after measurement.
 FUSE_4BIT_BASE = os.environ.get("QFORGE_FUSED_4BIT_BASE", "1") != "0"
 
@@ -227,6 +232,49 @@ class LoraBranch(torch.autograd.Function):
         return grad_result, grad_x, grad_a, grad_b, None, None
 
 
+class QLoraLinear4bit(torch.autograd.Function):
+    """x @ dequant(W)^T + (dropout(x) @ A^T) @ B^T * scaling: a bitsandbytes 4-bit base layer's product and its LoRA
+    branch as one autograd node, keeping what LoraBranch keeps and nothing of W.
+
+    Per call this replaces bitsandbytes' MatMul4Bit node (~300 us of Python) and LoraBranch's with one: the weight
+    is dequantized by bitsandbytes' kernels called directly (bnb4_base.py), then one GEMM for the base product and
+    the branch's rank-r products; backward dequantizes again, as bitsandbytes does, and adds grad @ W into the
+    branch's input gradient in place. Same kernels, so the same values.
+
+    Arguments are ordered as LoraBranch's (the packed weight where it has the base result), so its backward,
+    which reads ctx.needs_input_grad[1:4], serves this node too.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, packed: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
+                p: float, scaling: float, state: Any, compute_dtype: Optional[torch.dtype]) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            dtype = compute_dtype or x.dtype
+            weight = bnb4_base.dequantize(packed, state, dtype)
+            result = torch.nn.functional.linear(x.to(dtype), weight)
+            del weight  # the full-size weight lives only for this product, as in bitsandbytes
+            # Linear4bit hands back its input's dtype; the branch computes in the result's.
+            result = result.to(x.dtype)
+            # (not ctx.state: LoraBranch keeps its RNG state there)
+            ctx.packed, ctx.quant_state, ctx.compute_dtype = packed, state, dtype
+            return LoraBranch._forward(ctx, result, x, weight_a, weight_b, p, scaling)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        _, grad_x, grad_a, grad_b, _, _ = LoraBranch.backward(ctx, grad)
+        if ctx.needs_input_grad[1]:
+            weight = bnb4_base.dequantize(ctx.packed, ctx.quant_state, ctx.compute_dtype)
+            grad2d = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+            if grad_x is not None and grad_x.dtype == weight.dtype and grad_x.is_contiguous():
+                grad_x = grad_x.view(-1, weight.shape[1]).addmm_(grad2d, weight).view(ctx.x_shape)
+            else:
+                base = (grad2d @ weight).view(ctx.x_shape).to(ctx.x_dtype)
+                grad_x = base if grad_x is None else grad_x + base
+            del weight
+        ctx.packed = ctx.quant_state = None
+        return None, grad_x, grad_a, grad_b, None, None, None, None
+
+
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     t = t.contiguous()
     return t if t.shape[0] == rows else torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])])
@@ -263,10 +311,10 @@ def _fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
     p = float(dropout.p) if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
     weight_a, weight_b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, float(self.scaling[name])
     if FUSE_4BIT_BASE and not args and not kwargs:
-        from trainer import lora_qlinear
-
-        if lora_qlinear.applies(self.base_layer, x):  # a bnb 4-bit base: its product joins the branch's node
-            return lora_qlinear.forward(self.base_layer, x, weight_a, weight_b, p, scaling)
+        base = self.base_layer
+        if bnb4_base.applies(base, x):  # a bnb 4-bit base: its product joins the branch's node
+            return QLoraLinear4bit.apply(base.weight, x, weight_a, weight_b, p, scaling, base.weight.quant_state,
+                                         base.compute_dtype)
     result = self.base_layer(x, *args, **kwargs)
     return LoraBranch.apply(result, x, weight_a, weight_b, p, scaling)
 

@@ -491,6 +491,7 @@ def test_the_default_offloads_half_the_layers_whole_and_checkpoints_the_rest(tmp
     (["train.checkpoint_layers=8"], "train.checkpoint_layers is set"),
     (["launcher.slurm.gpus_per_node=2"], "more than one process"),
     (["train.gradient_checkpointing=false"], "gradient checkpointing is off"),
+    (["do_train=false", "do_eval=true"], "does not train"),
     (["train.offload_activations=false"], None),
 ])
 def test_the_default_leaves_offload_off_where_it_does_not_apply(tmp_path: Path, extra: List[str],

@@ -507,7 +507,9 @@ def offload_default_reason(x: Inputs) -> Optional[str]:
         return "the run is not on a GPU"
     if x.world != 1 or x.strategy != "single":
         return "more than one process shares the node's host memory and link (strategy is not single)"
-    if not (x.do_train and x.gradient_checkpointing):
+    if not x.do_train:
+        return "the run does not train"
+    if not x.gradient_checkpointing:
         return "gradient checkpointing is off"
     if x.checkpoint_layers is not None:
         return "train.checkpoint_layers is set (it decides the split by itself)"

@@ -518,3 +518,41 @@ def test_a_gpu_too_small_for_the_default_is_told_to_checkpoint_every_layer_with_
     assert p.offload_by_default
     found = memory.fixes(p, x)
     assert "train.offload_activations=true" in found and "train.checkpoint_layers=null" not in found
+
+
+def _fake_host(tmp_path: Path, self_cgroup: str, files: Dict[str, str]) -> Tuple[Path, Path]:
+    """A /proc with 64 GiB available and a cgroup mount with the given files (relative path -> content)."""
+    proc, mount = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: {80 * 2**20} kB\nMemAvailable: {64 * 2**20} kB\n")
+    (proc / "self" / "cgroup").write_text(self_cgroup)
+    for name, content in files.items():
+        (mount / name).parent.mkdir(parents=True, exist_ok=True)
+        (mount / name).write_text(content)
+    return proc, mount
+
+
+@pytest.mark.parametrize("self_cgroup, files, expected", [
+    # cgroup v2, a 16 GiB limit on the job's cgroup with 4 GiB used: 12 GiB left
+    ("0::/job\n", {"job/memory.max": str(16 * 2**30), "job/memory.current": str(4 * 2**30),
+                   "memory.max": "max", "memory.current": str(30 * 2**30)}, 12.0),
+    # v2, the parent slice is the tighter limit
+    ("0::/slice/job\n", {"slice/job/memory.max": "max", "slice/job/memory.current": "0",
+                         "slice/memory.max": str(10 * 2**30), "slice/memory.current": str(2 * 2**30)}, 8.0),
+    # v1 inside a container: the process's path is not below the mount, whose root is the container's cgroup
+    ("4:memory:/docker/abc\n0::/\n", {"memory/memory.limit_in_bytes": str(20 * 2**30),
+                                      "memory/memory.usage_in_bytes": str(5 * 2**30)}, 15.0),
+    # v1 without a limit (the largest page-aligned int64): the machine's figure
+    ("4:memory:/\n", {"memory/memory.limit_in_bytes": "9223372036854771712",
+                      "memory/memory.usage_in_bytes": str(2**30)}, 64.0),
+    # a limit above what the machine has available: the machine's figure
+    ("0::/\n", {"memory.max": str(100 * 2**30), "memory.current": str(2**30)}, 64.0),
+])
+def test_available_host_memory_is_the_tightest_of_the_machine_and_its_cgroups(
+        tmp_path: Path, monkeypatch, self_cgroup: str, files: Dict[str, str], expected: float) -> None:
+    """Pinned buffers count against a container's memory limit, which /proc/meminfo does not show."""
+    from trainer.memory.host import available_gib
+
+    monkeypatch.delenv("QFORGE_HOST_AVAILABLE_GIB", raising=False)
+    proc, mount = _fake_host(tmp_path, self_cgroup, files)
+    assert available_gib(str(proc), str(mount)) == pytest.approx(expected)

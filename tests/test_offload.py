@@ -458,12 +458,9 @@ def test_offload_layers_without_checkpointing_is_accepted(tmp_path: Path) -> Non
 def _default_8b(tmp_path: Path, *extra: str) -> List[str]:
     """Work item a of bench/ (Llama-3-8B, 4 x 2048 tokens) planned for one GPU of a Slurm node with 64 GiB of host
     memory: the plan is for CUDA though this machine has none."""
-    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
-    from trainer.assets import __file__ as assets_init
+    from tests.test_host_embeddings import _model_dir  # the 8B config beside the shipped tokenizer
 
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        (tmp_path / name).write_bytes((Path(assets_init).parent / "tokenizer" / name).read_bytes())
-    return ["model=local", f"model.name_or_path={tmp_path}", "quant=bnb4", "train.max_seq_len=2048",
+    return ["model=local", f"model.name_or_path={_model_dir(tmp_path)}", "quant=bnb4", "train.max_seq_len=2048",
             "train.batch_size=4", "do_eval=false", "launcher=slurm", "launcher.slurm.gpus_per_node=1",
             "launcher.slurm.gpu_mem_gib=141", "train.host_mem_gib=64", *extra]
 

@@ -27,10 +27,10 @@ VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3")
 # ---- plan time (no torch): what the run will do ----
 
 def speed_spec(cfg: Any, checkpoint_layers: Optional[int], offload_layers: Optional[int] = None,
-               embeddings_on_host: bool = False, offload_activations: Optional[bool] = None) -> SpeedSpec:
+               embeddings_on_host: bool = False, offload_activations: bool = False) -> SpeedSpec:
     """checkpoint_layers, offload_layers, embeddings_on_host, offload_activations: train.checkpoint_layers,
     train.offload_layers, train.embeddings_on_host and train.offload_activations as the plan resolved them (auto and
-    null by the memory model; offload_activations None: as the config says)."""
+    null by the memory model)."""
     from trainer.strategies import chosen
 
     strat = chosen(cfg)
@@ -45,7 +45,7 @@ def speed_spec(cfg: Any, checkpoint_layers: Optional[int], offload_layers: Optio
         liger={None: "auto", True: "on", False: "off"}[cfg.model.liger],
         gradient_checkpointing=bool(cfg.train.gradient_checkpointing),
         checkpoint_layers=checkpoint_layers,
-        offload_activations=bool(cfg.train.offload_activations) if offload_activations is None else offload_activations,
+        offload_activations=offload_activations,
         offload_layers=offload_layers,
         tokens_per_step=int(cfg.train.batch_size) * int(cfg.train.max_seq_len),
         compile_layers=bool(cfg.train.compile),

@@ -144,7 +144,7 @@ class Inputs:
     # pretrained model's (INT8_OUTLIER_SHARE); bench/memory_bench.py passes what it measured on its checkpoint.
     int8_outlier_share: float = INT8_OUTLIER_SHARE
     offload_activations: bool = False  # train.offload_activations: what the layers save goes to host memory
-    # train.offload_activations=null: on by default where it applies (offload_by_default), decided with the shape
+    # train.offload_activations=null: on by default where it applies (_with_default_offload), decided with the shape
     offload_auto: bool = False
     compile: bool = False  # train.compile: peft's LoRA forward, never the fused branch
     # Pinned host bytes one process may take under offload (HOST_SHARE of the node's memory over its processes,
@@ -318,7 +318,7 @@ class Prediction:
     host_bytes: float = 0.0  # pinned host memory per GPU of train.offload_activations (trainer/memory/host.py)
     embeddings_on_host: bool = False  # train.embeddings_on_host as resolved for this run (trainer/host_embeddings)
     offload_activations: bool = False  # train.offload_activations as resolved for this run
-    offload_by_default: bool = False  # ... turned on by its null default (offload_by_default below)
+    offload_by_default: bool = False  # ... turned on by its null default (_with_default_offload)
 
     @property
     def static_bytes(self) -> float:

@@ -23,8 +23,11 @@ from bench.workload import build_checkpoint
 class StepProbe:
     """A Trainer callback: profile step `profile_at`, record saved tensors on step `saved_at`."""
 
-    def __init__(self, profile_at: int, saved_at: int, rows: int, trace: str = "") -> None:
+    def __init__(self, profile_at: int, saved_at: int, rows: int, trace: str = "", kernels_at: int = -1) -> None:
         self.profile_at, self.saved_at, self.rows, self.trace = profile_at, saved_at, rows, trace
+        # kernels_at: a step recorded with CUDA activity only, so that the CPU runs at its own pace (the op
+        # recording of profile_at slows the CPU down and makes a step look more CPU-bound than it is)
+        self.kernels_at = kernels_at
         self.profiler: Any = None
         self.hooks: Any = None
         self.saved: Dict[int, tuple] = {}
@@ -57,6 +60,9 @@ class StepProbe:
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
             self.profiler = torch.profiler.profile(activities=activities)
             self.profiler.__enter__()
+        if step == self.kernels_at and torch.cuda.is_available():
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self.profiler.__enter__()
         if step == self.saved_at:
             self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
             self.hooks.__enter__()
@@ -78,6 +84,16 @@ class StepProbe:
                 self.profiler.export_chrome_trace(self.trace)
                 print(f"trace: {self.trace}", flush=True)
             self.profiler = None
+        if self.profiler is not None and step == self.kernels_at + 1:
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.events()
+            print(f"kernels-only step {self.kernels_at}: {gpu_busy(events)}", flush=True)
+            print(timeline(events), flush=True)
+            if self.trace:
+                kernels_trace = self.trace.replace(".json", "") + "-kernels.json"
+                self.profiler.export_chrome_trace(kernels_trace)
+                print(f"trace: {kernels_trace}", flush=True)
+            self.profiler = None
         if self.hooks is not None and step == self.saved_at + 1:
             self.hooks.__exit__(None, None, None)
             self.hooks = None
@@ -94,13 +110,75 @@ class StepProbe:
             print(f"  {sum(sizes) / 2**30:7.3f} GiB  {len(sizes):4d} x {shape} {dtype}", flush=True)
 
 
+def _is_copy(name: str) -> bool:
+    return name.startswith(("Memcpy", "Memset"))
+
+
+def _spans(events: Any, copies: bool = False) -> List[tuple]:
+    return sorted((e.time_range.start, e.time_range.end) for e in events
+                  if getattr(e.device_type, "name", "") == "CUDA" and e.time_range.end > e.time_range.start
+                  and _is_copy(e.name) == copies)
+
+
+def _union(spans: List[tuple], lo: float, hi: float) -> float:
+    busy, end = 0.0, lo
+    for start, stop in spans:
+        start, stop = max(start, end), min(stop, hi)
+        if stop > start:
+            busy, end = busy + stop - start, stop
+    return busy
+
+
+def timeline(events: Any, window_ms: float = 25.0) -> str:
+    """Kernel-busy share of each window of the step, with the bytes-moving copies' share beside it: where in the
+    step (forward, loss, backward) the GPU waits."""
+    kernels, copies = _spans(events), _spans(events, copies=True)
+    if not kernels:
+        return "timeline: no kernels recorded"
+    first, last = kernels[0][0], max(s[1] for s in kernels)
+    width = window_ms * 1e3
+    lines, lo = [f"timeline ({window_ms:.0f} ms windows: kernels busy %, copies busy %):"], first
+    while lo < last:
+        hi = min(lo + width, last)
+        lines.append(f"  {(lo - first) / 1e3:7.1f} ms  kernels {100 * _union(kernels, lo, hi) / (hi - lo):3.0f}%  "
+                     f"copies {100 * _union(copies, lo, hi) / (hi - lo):3.0f}%")
+        lo = hi
+    gaps, end = [], kernels[0][1]
+    for start, stop in kernels[1:]:
+        if start > end:
+            gaps.append(start - end)
+        end = max(end, stop)
+    gaps.sort(reverse=True)
+    lines.append(f"  idle gaps between kernels: {len(gaps)}, {sum(gaps) / 1e3:.1f} ms in all, the largest "
+                 + ", ".join(f"{g / 1e3:.2f}" for g in gaps[:8]) + " ms")
+    by_kind: Dict[str, float] = collections.defaultdict(float)
+    for e in events:
+        if getattr(e.device_type, "name", "") == "CUDA" and not _is_copy(e.name):
+            by_kind[kernel_kind(e.name)] += e.time_range.end - e.time_range.start
+    lines.append("  kernel time by kind: " + ", ".join(
+        f"{kind} {t / 1e3:.1f} ms" for kind, t in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+    return "\n".join(lines)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    for kind, marks in (("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas")),
+                        ("attention", ("flash", "fmha", "cudnn", "attn", "sdpa")),
+                        ("dequantize", ("dequant", "kdequantize")),
+                        ("triton", ("triton",)),
+                        ("copy/cast", ("copy", "cast", "convert")),
+                        ("reduce", ("reduce",))):
+        if any(m in lowered for m in marks):
+            return kind
+    return "elementwise/other"
+
+
 def gpu_busy(events: Any) -> str:
     """How much of the profiled step the GPU ran kernels (the union of kernel intervals) and how many it ran.
 
     The rest is time the GPU waited: for the CPU to launch work, or for copies and synchronisations.
     """
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if getattr(e.device_type, "name", "") == "CUDA" and e.time_range.end > e.time_range.start)
+    spans = _spans(events)
     if not spans:
         return "gpu busy: no kernels recorded"
     busy, (start, end) = 0.0, spans[0]
@@ -135,10 +213,10 @@ def main(argv: List[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint = build_checkpoint(spec["shape"], workdir)
     data = item_data(args.item, spec, workdir)
-    job = {"checkpoint": str(checkpoint), "warmup": 3, "steps": 3, "workdir": str(workdir)}
+    job = {"checkpoint": str(checkpoint), "warmup": 3, "steps": 4, "workdir": str(workdir)}
     item = {"data": str(data), "max_len": spec["max_len"], "batch": spec["batch"]}
     cfg = compose(qforge_overrides(job, item, list(args.overrides)))
-    probe = StepProbe(profile_at=3, saved_at=5, rows=args.rows, trace=args.trace)
+    probe = StepProbe(profile_at=3, saved_at=6, rows=args.rows, trace=args.trace, kernels_at=5)
     qforge_run.train(build_plan(cfg), extra_callbacks=[probe.callback()])
     return 0
 

@@ -101,10 +101,10 @@ def test_the_host_memory_rule_counts_the_table(tmp_path: Path) -> None:
                 if v.rule_id == "memory.host_offload"]
 
 
-def _tiny(tied: bool) -> torch.nn.Module:
+def _tiny(tied: bool, layers: int = 1) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
                          num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tied)
     return LlamaForCausalLM(config)
 
@@ -176,6 +176,48 @@ def test_on_gpu_the_table_is_read_in_place_from_host_memory_with_the_same_losses
     table = config["vocab_size"] * config["hidden_size"] * 2  # bf16; lm_head is the same size
     # the table is never on the GPU; the head's copy is there only while the loss runs, which may be the peak
     assert 0.9 * table <= saved <= 2.1 * table
+
+
+@pytest.mark.gpu
+def test_on_gpu_the_head_is_copied_in_a_few_layers_before_the_loss_once_per_labelled_forward() -> None:
+    """lm_head's copy in starts on a side stream at the decoder layer HEAD_LEAD_LAYERS from the end, once per
+    labelled forward: not in checkpointing's recompute in backward, not in an unlabelled forward (the head copies
+    in itself there). Loss and grads are those of the head kept on the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from trainer import fused_loss
+    from trainer.host_embeddings import HEAD_LEAD_LAYERS, move
+
+    torch.manual_seed(0)
+    model = _tiny(tied=False, layers=6).to("cuda", torch.bfloat16).requires_grad_(False)
+    norm = model.model.layers[0].input_layernorm.weight.requires_grad_(True)  # backward runs through every layer
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert fused_loss.install(model)
+    ids = torch.randint(0, 64, (3, 7), device="cuda")
+
+    def loss_and_grad() -> tuple:
+        norm.grad = None
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), norm.grad.clone()
+
+    on_gpu = loss_and_grad()
+    move(model)
+    prefetch = getattr(model.get_output_embeddings(), fused_loss.PREFETCH)
+    layers, lead = model.model.layers, len(model.model.layers) - HEAD_LEAD_LAYERS
+    seen: dict = {}
+    for i in (lead - 1, lead):  # the copies started when each layer's first forward (not its recompute) ends
+        layers[i].register_forward_hook(lambda m, a, out, i=i: seen.setdefault(i, prefetch.copies))
+    from_host = loss_and_grad()
+    assert seen == {lead - 1: 0, lead: 1}
+    assert prefetch.copies == 1  # the recompute in backward ran the lead layer's hooks again, unarmed
+    assert torch.equal(from_host[0], on_gpu[0])
+    torch.testing.assert_close(from_host[1], on_gpu[1], rtol=0, atol=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    assert prefetch.copies == 1 and logits.shape == (3, 7, 64)
+    assert loss_and_grad()[0] == from_host[0] and prefetch.copies == 2
 
 
 def test_the_wide_lookup_reads_the_same_rows_as_the_stock_one() -> None:

@@ -144,9 +144,9 @@ def _tiny_bnb4_lora(dropout: float, checkpointing: bool, fused: bool) -> torch.n
     from trainer.tiny import ensure_tiny_model
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(ensure_tiny_model(TinyArch()), quantization_config=quant,
-                                                 dtype=torch.float32)
+    path = ensure_tiny_model(TinyArch())  # first: building it (once per cache) draws from the global RNG
+    torch.manual_seed(0)  # the LoRA A init
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.float32)
     model.config.use_cache = False
     if checkpointing:  # as qforge runs it (plan.py): non-reentrant
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -350,6 +350,50 @@ def test_bnb4_node_keeps_nothing_weight_sized_and_dequantizes_like_bitsandbytes(
     ref = layer(x) + (x @ a.t()) @ b.t() * 2.0
     ref.sum().backward()
     _close(grads, (ref.detach(), x.grad, a.grad, b.grad), tol=1e-4)
+
+
+def _ops_called(fn) -> list:
+    """The aten ops `fn` runs (their overload names), in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        fn()
+    return record.ops
+
+
+def test_the_4bit_node_adds_the_branch_into_its_own_base_product_in_place() -> None:
+    """QLoraLinear4bit adds the LoRA product into the base product it made (addmm_: no output-sized copy of it);
+    the branch over a result it did not make (peft's base layer output) adds out of place and leaves it as it
+    was. Both equal the plain math."""
+    bnb = pytest.importorskip("bitsandbytes")
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(128, 96, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(96, 128) * 0.05, requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")
+    x = torch.randn(2, 8, 128, requires_grad=True)
+    a, b = torch.randn(4, 128, requires_grad=True), torch.randn(96, 4, requires_grad=True)
+    with torch.no_grad():
+        expected = layer(x) + (x @ a.t()) @ b.t() * 2.0
+    ops = _ops_called(lambda: _one_node(layer, x, a, b))
+    assert "aten.addmm_" in ops and "aten.addmm" not in ops
+    torch.testing.assert_close(_one_node(layer, x, a, b).detach(), expected, rtol=1e-5, atol=1e-5)
+
+    base = layer(x).detach()
+    kept = base.clone()
+    ops = _ops_called(lambda: LoraBranch.apply(base, x, a, b, 0.0, 2.0))
+    assert "aten.addmm" in ops and "aten.addmm_" not in ops
+    assert torch.equal(base, kept)
+    torch.testing.assert_close(LoraBranch.apply(base, x, a, b, 0.0, 2.0).detach(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_bnb4_node_skips_layers_it_cannot_read() -> None:

@@ -24,6 +24,8 @@ IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 27
 # The attribute of lm_head that holds its weight in pinned host memory (set by trainer.host_embeddings).
 HOST_COPY = "_qforge_host_weight"
+# The attribute of lm_head that holds its HeadPrefetch (trainer.host_embeddings): the copy in, started early.
+PREFETCH = "_qforge_head_prefetch"
 
 
 def _ce_chunks(hidden: Any, weight: Any, targets: Any, want_grad: bool) -> tuple:
@@ -116,8 +118,12 @@ def _whole(weight: Any) -> Any:
 
 
 def head_weight(head: Any, device: Any) -> Any:
-    """lm_head's weight in the memory of `device`: copied in from pinned host memory (non-blocking, on the current
-    stream) where trainer.host_embeddings keeps it there, else the weight itself."""
+    """lm_head's weight in the memory of `device` where trainer.host_embeddings keeps it in pinned host memory: the
+    copy its HeadPrefetch started during the forward pass, else one made now (non-blocking, current stream);
+    elsewhere the weight itself."""
+    prefetch = getattr(head, PREFETCH, None)
+    if prefetch is not None:
+        return prefetch.take(device)
     host = getattr(head, HOST_COPY, None)
     return head.weight if host is None else host.to(device, non_blocking=True)
 
@@ -157,6 +163,9 @@ def install(model: Any, use_liger: bool = False) -> bool:
 
         num_items = kwargs.pop("num_items_in_batch", None)
         kwargs.pop("logits_to_keep", None)  # the chunked loss covers every position
+        prefetch = getattr(self.lm_head, PREFETCH, None)
+        if prefetch is not None:  # the head's copy in starts a few layers before the loss (host_embeddings.py)
+            prefetch.arm()
         outputs = self.model(*args, **kwargs)
         # liger's kernel is a training kernel (it computes the hidden states' gradient as it goes); without
         # autograd the torch loop is the same value at one chunk of memory.

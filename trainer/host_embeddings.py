@@ -145,27 +145,89 @@ def move(model: Any) -> int:
     log.info("embeddings: the %d x %d table (%.2f GiB) in pinned host memory, read by the GPU row by row "
              "(train.embeddings_on_host)", weight.shape[0], weight.shape[1], nbytes / 2**30)
     if getattr(model, "_qforge_chunked_loss", False) and head is not None:
-        nbytes += _move_head(head)
+        from trainer.offload import decoder_layers
+
+        nbytes += _move_head(head, decoder_layers(model))
     return nbytes
 
 
-def _move_head(head: Any) -> int:
+# How many decoder layers before the loss the head's copy in starts: at 55 GB/s Llama-3-8B's 1 GiB head takes
+# ~20 ms, and a layer's forward at 8k tokens ~8 ms; host-to-device is otherwise idle in forward (activation
+# offload copies the other way). Copied in at the loss instead, the GPU waited the whole copy (run 13's profile).
+HEAD_LEAD_LAYERS = 4
+
+
+class HeadPrefetch:
+    """Copies lm_head's weight in from pinned host memory on a side stream, started a few decoder layers before
+    the loss reads it (a forward pre-hook on that layer), so the copy overlaps the last layers' compute.
+
+    It starts only when armed: the chunked loss arms it at the top of each labelled forward. Checkpointing's
+    recompute in backward runs the same layers again (and their hooks) but is not armed, so the head is never
+    brought in for a backward that does not read it. Without a prefetched copy `take` copies in on the current
+    stream, as before."""
+
+    def __init__(self, host: Any, lead_layer: Optional[Any]) -> None:
+        self.host = host
+        self.armed = False
+        self.copies = 0  # how many copies the side stream made, for tests and logs
+        self._copy: Any = None
+        self._ready: Any = None
+        self._stream: Any = None
+        if lead_layer is not None:
+            lead_layer.register_forward_pre_hook(self._start)
+
+    def arm(self) -> None:
+        self.armed = True
+
+    def _start(self, module: Any, args: Any) -> None:
+        import torch
+
+        if not self.armed:
+            return
+        self.armed = False
+        device = next((t.device for t in args if isinstance(t, torch.Tensor)), None)
+        if self._copy is not None or device is None or device.type != "cuda":
+            return
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        # The host copy is frozen and the destination is new: the copy waits for nothing on the compute stream.
+        with torch.cuda.stream(self._stream):
+            self._copy = self.host.to(device, non_blocking=True)
+        self._ready = self._stream.record_event()
+        self.copies += 1
+
+    def take(self, device: Any) -> Any:
+        """The head's weight on `device`: the prefetched copy (the current stream waits for it), else a copy now."""
+        import torch
+
+        copy, self._copy = self._copy, None
+        if copy is None or copy.device != torch.device(device):
+            return self.host.to(device, non_blocking=True)
+        current = torch.cuda.current_stream(copy.device)
+        current.wait_event(self._ready)
+        copy.record_stream(current)  # its memory is freed once the loss's kernels, not the side stream's, are done
+        return copy
+
+
+def _move_head(head: Any, layers: list) -> int:
     """lm_head's weight to pinned host memory: the chunked loss copies it in for the loss (trainer/fused_loss.py
-    head_weight) and keeps nothing for backward, so the GPU holds it only while the loss runs, not at the
-    backward's peak. The module's weight becomes a view of the host copy (device checks and .to() see a CUDA
+    head_weight, HeadPrefetch above) and keeps nothing for backward, so the GPU holds it only around the loss, not
+    at the backward's peak. The module's weight becomes a view of the host copy (device checks and .to() see a CUDA
     tensor), and its own forward (generation, unlabelled calls) copies the weight in the same way."""
     import torch
 
-    from trainer.fused_loss import HOST_COPY, head_weight
+    from trainer.fused_loss import HOST_COPY, PREFETCH, head_weight
 
     host = _to_host(head)
     setattr(head, HOST_COPY, host)
+    lead = layers[-min(HEAD_LEAD_LAYERS, len(layers))] if layers else None
+    setattr(head, PREFETCH, HeadPrefetch(host, lead))
 
     def forward(hidden: Any) -> Any:
         return torch.nn.functional.linear(hidden, head_weight(head, hidden.device))
 
     head.forward = forward
     nbytes = host.numel() * host.element_size()
-    log.info("lm_head: its %.2f GiB weight in pinned host memory, copied in for each loss (train.embeddings_on_host)",
-             nbytes / 2**30)
+    log.info("lm_head: its %.2f GiB weight in pinned host memory, copied in for each loss from %d decoder layers "
+             "before it (train.embeddings_on_host)", nbytes / 2**30, min(HEAD_LEAD_LAYERS, len(layers)))
     return nbytes

@@ -15,7 +15,9 @@ Here, instead:
   norm; the SwiGLU product: gate and up are kept by the activation), even x is not kept: backward
   recomputes it (`remember` / `Recompute` below);
 - the 1/(1-p) dropout scale and the LoRA scaling are applied to the rank-r activations (N x r);
-- the base result is added inside the second GEMM (addmm), so no clone and no separate add.
+- the base result is added inside the second GEMM (addmm), so no clone and no separate add; where the base
+  result is this node's own (QLoraLinear4bit), into it in place, which also skips addmm's copy of it (one
+  output-sized device-to-device copy per projection per forward and recompute: 31 GiB a step of work a).
 
 Over a bitsandbytes 4-bit base layer the base product joins the same node (QLoraLinear4bit, bnb4_base.py), which
 skips bitsandbytes' own autograd function and its Python per call.
@@ -156,7 +158,8 @@ class LoraBranch(torch.autograd.Function):
 
     @staticmethod
     def _forward(ctx: Any, result: torch.Tensor, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
-                 p: float, scaling: float) -> torch.Tensor:
+                 p: float, scaling: float, owns_result: bool = False) -> torch.Tensor:
+        """owns_result: `result` is a fresh tensor nothing else reads, so the branch is added into it in place."""
         dtype = result.dtype
         xc = x.to(dtype)
         x2d = xc.reshape(-1, xc.shape[-1])
@@ -183,7 +186,10 @@ class LoraBranch(torch.autograd.Function):
                 ctx.state = _rng_state(x.device)
                 x2d = x2d * _keep_mask(x2d, p)
             hidden = (x2d @ a.t()).mul_(ctx.scale)
-        out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden, b.t())
+        result2d = result.reshape(-1, result.shape[-1])
+        # Out of place, addmm first copies `result` into its output (beta=1 reads C); in place it reads it there.
+        out = result2d.addmm_(hidden, b.t()) if owns_result and result2d.is_contiguous() else \
+            torch.addmm(result2d, hidden, b.t())
         recipe, inputs = getattr(x, "_qforge_recompute", (None, ())) if xc is x else (None, ())
         ctx.recipe = recipe
         if recipe is not None:
@@ -257,7 +263,8 @@ class QLoraLinear4bit(torch.autograd.Function):
             result = result.to(x.dtype)
             # (not ctx.state: LoraBranch keeps its RNG state there)
             ctx.packed, ctx.quant_state, ctx.compute_dtype = packed, state, dtype
-            return LoraBranch._forward(ctx, result, x, weight_a, weight_b, p, scaling)
+            # `result` is this node's own product (or its cast), not yet seen by anyone: the branch adds into it.
+            return LoraBranch._forward(ctx, result, x, weight_a, weight_b, p, scaling, owns_result=True)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
